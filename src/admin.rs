@@ -1,0 +1,149 @@
+//! The admin listener: liveness, readiness and metrics, never on the public port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::broker::{Link, LinkStatus};
+use crate::config::AckMode;
+use crate::metrics::Metrics;
+use crate::server::Handler;
+use crate::spool::Spool;
+
+/// Spool detail of `/readyz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpoolStatus {
+    pub events: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_age_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The `/readyz` body.
+#[derive(Debug, Clone, Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub mode: AckMode,
+    pub broker: LinkStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool: Option<SpoolStatus>,
+}
+
+/// Handler of the admin listener.
+pub struct Admin {
+    mode: AckMode,
+    link: Link,
+    spool: Option<(Spool, u64)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admin {
+    /// `spool` is the spool and its byte limit, in spooled mode.
+    pub fn new(
+        mode: AckMode,
+        link: Link,
+        spool: Option<(Spool, u64)>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Admin {
+            mode,
+            link,
+            spool,
+            metrics,
+        }
+    }
+
+    /// Whether an event posted now would be accepted, and why (not).
+    pub fn readiness(&self) -> Readiness {
+        let broker = self.link.status();
+        let spool = self.spool.as_ref().map(|(spool, max_bytes)| {
+            let stats = spool.stats();
+            SpoolStatus {
+                events: stats.events,
+                bytes: stats.bytes,
+                max_bytes: *max_bytes,
+                oldest_age_s: stats.oldest_age.map(|a| a.as_secs_f64()),
+                last_error: stats.last_error,
+            }
+        });
+        let ready = match (&self.mode, &spool) {
+            // Spooled: accepting needs a healthy spool with room; the broker may be away,
+            // but not misconfigured, since then nothing spooled could ever leave.
+            (AckMode::Spooled, Some(s)) => {
+                s.last_error.is_none() && s.bytes < s.max_bytes && !broker.misconfigured
+            }
+            (AckMode::Spooled, None) => false,
+            (AckMode::Confirmed, _) => broker.connected && !broker.blocked,
+        };
+        Readiness {
+            ready,
+            mode: self.mode,
+            broker,
+            spool,
+        }
+    }
+
+    fn refresh_gauges(&self) {
+        if let Some((spool, _)) = &self.spool {
+            let stats = spool.stats();
+            self.metrics.spool_events.set(stats.events as i64);
+            self.metrics.spool_bytes.set(stats.bytes as i64);
+        }
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+impl Handler for Admin {
+    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "use GET\n".into(),
+            );
+        }
+        match req.uri().path() {
+            "/healthz" => respond(
+                StatusCode::OK,
+                "application/json",
+                "{\"alive\":true}".into(),
+            ),
+            "/readyz" => {
+                let readiness = self.readiness();
+                let status = if readiness.ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                let body = serde_json::to_string(&readiness).unwrap_or_default();
+                respond(status, "application/json", body)
+            }
+            "/metrics" => {
+                self.refresh_gauges();
+                respond(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    self.metrics.render(),
+                )
+            }
+            _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        }
+    }
+}

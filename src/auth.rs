@@ -1,0 +1,178 @@
+//! Who may post: client networks and webhook tokens (SPEC 5). Decided from the
+//! request head alone, before the body is read.
+
+use std::net::IpAddr;
+
+use hyper::HeaderMap;
+use hyper::header::AUTHORIZATION;
+use subtle::ConstantTimeEq;
+
+use crate::config::AuthSettings;
+use crate::net::{Cidr, any_contains, client_addr};
+
+/// Header carrying the token for callers that cannot set `Authorization`.
+pub const TOKEN_HEADER: &str = "x-webhook-token";
+
+/// Auth rules built from settings.
+pub struct Auth {
+    tokens: Vec<Vec<u8>>,
+    allow_query_token: bool,
+    allow_from: Vec<Cidr>,
+    trusted_proxies: Vec<Cidr>,
+}
+
+impl Auth {
+    /// From `auth.*` and `http.trusted_proxies`.
+    pub fn new(settings: &AuthSettings, trusted_proxies: &[Cidr]) -> Self {
+        Auth {
+            tokens: settings
+                .tokens
+                .iter()
+                .map(|t| t.as_bytes().to_vec())
+                .collect(),
+            allow_query_token: settings.allow_query_token,
+            allow_from: settings.allow_from.clone(),
+            trusted_proxies: trusted_proxies.to_vec(),
+        }
+    }
+
+    /// Whether no token is required (the bridge warns about it at start).
+    pub fn is_open(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Whether the client (behind trusted proxies) may post at all.
+    pub fn client_allowed(&self, peer: IpAddr, headers: &HeaderMap) -> bool {
+        if self.allow_from.is_empty() {
+            return true;
+        }
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        any_contains(
+            &self.allow_from,
+            client_addr(peer, forwarded, &self.trusted_proxies),
+        )
+    }
+
+    /// Whether the request carries a configured token (always true when none are configured).
+    pub fn token_valid(&self, headers: &HeaderMap, query: Option<&str>) -> bool {
+        if self.is_open() {
+            return true;
+        }
+        let bearer = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let header = headers
+            .get(TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim);
+        let from_query = query
+            .filter(|_| self.allow_query_token)
+            .and_then(query_token);
+        [bearer, header, from_query.as_deref()]
+            .into_iter()
+            .flatten()
+            .any(|candidate| self.matches(candidate.as_bytes()))
+    }
+
+    /// Compares against every token in constant time, without stopping at a match.
+    fn matches(&self, candidate: &[u8]) -> bool {
+        self.tokens
+            .iter()
+            .fold(subtle::Choice::from(0), |found, t| {
+                found | t.as_slice().ct_eq(candidate)
+            })
+            .into()
+    }
+}
+
+/// The `token` query parameter, percent-decoded.
+fn query_token(query: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == "token").then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::header::HeaderValue;
+
+    fn auth(tokens: &[&str], allow_query: bool) -> Auth {
+        let settings = AuthSettings {
+            tokens: tokens.iter().map(|s| s.to_string()).collect(),
+            allow_query_token: allow_query,
+            ..AuthSettings::default()
+        };
+        Auth::new(&settings, &[])
+    }
+
+    #[test]
+    fn open_without_tokens() {
+        assert!(auth(&[], true).token_valid(&HeaderMap::new(), None));
+    }
+
+    #[test]
+    fn accepts_each_token_source() {
+        let a = auth(&["s3cret", "other"], true);
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer other"));
+        assert!(a.token_valid(&h, None));
+        let mut h = HeaderMap::new();
+        h.insert(TOKEN_HEADER, HeaderValue::from_static("s3cret"));
+        assert!(a.token_valid(&h, None));
+        assert!(a.token_valid(&HeaderMap::new(), Some("a=1&token=s3cret")));
+        assert!(a.token_valid(&HeaderMap::new(), Some("token=s%33cret")));
+    }
+
+    #[test]
+    fn rejects_wrong_missing_and_disabled_query_tokens() {
+        let a = auth(&["s3cret"], false);
+        assert!(!a.token_valid(&HeaderMap::new(), None));
+        assert!(!a.token_valid(&HeaderMap::new(), Some("token=s3cret")));
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer s3cre"));
+        assert!(!a.token_valid(&h, None));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic s3cret"));
+        assert!(!a.token_valid(&h, None));
+    }
+
+    #[test]
+    fn percent_decoding_survives_bad_escapes() {
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("a%zz"), "a%zz");
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%"), "%");
+    }
+}

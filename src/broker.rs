@@ -1,0 +1,306 @@
+//! The broker link: one AMQP connection, kept open over `amqp.urls` with
+//! capped exponential backoff and jitter, and the topology set up on it.
+//!
+//! Publishers never connect themselves; they take the current connection from
+//! [`Link::connection`] (or wait for one) and open their own channels on it, so
+//! a reconnect is invisible to them except as failed publishes they retry.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::{Connection, ConnectionProperties};
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::{AmqpSettings, redact_url};
+use crate::metrics::Metrics;
+use crate::topology;
+
+/// Longest wait for one connection attempt (TCP, TLS, AMQP handshake, topology).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection that lasted this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// What the link is doing now; read by publishers and by readiness.
+#[derive(Clone)]
+pub enum LinkState {
+    /// No usable connection; `last_error` says why, for `/readyz` and logs.
+    /// `misconfigured`: a broker answered but the topology is wrong (missing
+    /// exchange or plugin), which needs an operator, not a retry.
+    Down {
+        last_error: Option<String>,
+        misconfigured: bool,
+    },
+    /// Connected, topology in place.
+    Up {
+        connection: Arc<Connection>,
+        /// The URL in use, password redacted.
+        url: String,
+        /// Whether the broker blocked publishing (resource alarm).
+        blocked: bool,
+    },
+}
+
+/// Readiness detail of the link, as `/readyz` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatus {
+    pub connected: bool,
+    pub blocked: bool,
+    pub misconfigured: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Handle to the broker link; cheap to clone.
+#[derive(Clone)]
+pub struct Link {
+    state: watch::Receiver<LinkState>,
+}
+
+impl Link {
+    /// Starts the link task; it runs until `stop` resolves, then closes the connection.
+    pub fn start(
+        amqp: AmqpSettings,
+        metrics: Arc<Metrics>,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> (Link, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = watch::channel(LinkState::Down {
+            last_error: None,
+            misconfigured: false,
+        });
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                () = maintain(amqp, metrics.clone(), &tx) => {}
+                () = stop => {}
+            }
+            let previous = tx.send_replace(LinkState::Down {
+                last_error: Some("stopped".into()),
+                misconfigured: false,
+            });
+            metrics.broker_connected.set(0);
+            if let LinkState::Up { connection, .. } = previous {
+                let _ = connection.close(200, "shutting down".into()).await;
+            }
+        });
+        (Link { state: rx }, task)
+    }
+
+    /// The current connection, if the link is up and not blocked.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        match &*self.state.borrow() {
+            LinkState::Up {
+                connection,
+                blocked: false,
+                ..
+            } => Some(connection.clone()),
+            _ => None,
+        }
+    }
+
+    /// Waits until the link is up and not blocked.
+    pub async fn connected(&self) -> Arc<Connection> {
+        let mut rx = self.state.clone();
+        loop {
+            if let LinkState::Up {
+                connection,
+                blocked: false,
+                ..
+            } = &*rx.borrow_and_update()
+            {
+                return connection.clone();
+            }
+            if rx.changed().await.is_err() {
+                // The link task is gone: nothing will connect again.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// A snapshot for `/readyz`.
+    pub fn status(&self) -> LinkStatus {
+        match &*self.state.borrow() {
+            LinkState::Down {
+                last_error,
+                misconfigured,
+            } => LinkStatus {
+                connected: false,
+                blocked: false,
+                misconfigured: *misconfigured,
+                url: None,
+                last_error: last_error.clone(),
+            },
+            LinkState::Up { url, blocked, .. } => LinkStatus {
+                connected: true,
+                blocked: *blocked,
+                misconfigured: false,
+                url: Some(url.clone()),
+                last_error: None,
+            },
+        }
+    }
+}
+
+/// Reconnect delay before attempt `failures` (1-based): capped doubling with
+/// "equal jitter" (half fixed, half random) so replicas do not reconnect in step.
+pub fn backoff(initial: Duration, cap: Duration, failures: u32) -> Duration {
+    let exp = initial.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
+    let base = exp.min(cap);
+    let random = RandomState::new().hash_one(Instant::now()) as f64 / u64::MAX as f64;
+    base / 2 + base.mul_f64(0.5 * random)
+}
+
+/// Connects, sets up topology, watches the connection, and starts over when it fails.
+async fn maintain(amqp: AmqpSettings, metrics: Arc<Metrics>, tx: &watch::Sender<LinkState>) {
+    let initial = Duration::from_millis(amqp.reconnect_initial_ms);
+    let cap = Duration::from_millis(amqp.reconnect_max_ms);
+    let mut failures = 0u32;
+    let mut ever_connected = false;
+    loop {
+        match connect_any(&amqp).await {
+            Ok((connection, url)) => {
+                if ever_connected {
+                    metrics.broker_reconnects.inc();
+                }
+                ever_connected = true;
+                info!(url = %url, "broker connected");
+                let since = Instant::now();
+                let error = watch_connection(connection, url, tx, &metrics).await;
+                metrics.broker_connected.set(0);
+                warn!(error = %error, "broker connection lost");
+                tx.send_replace(LinkState::Down {
+                    last_error: Some(error),
+                    misconfigured: false,
+                });
+                if since.elapsed() >= STABLE_AFTER {
+                    failures = 0;
+                }
+            }
+            Err((error, misconfigured)) => {
+                warn!(error = %error, "no broker usable");
+                tx.send_replace(LinkState::Down {
+                    last_error: Some(error),
+                    misconfigured,
+                });
+            }
+        }
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(backoff(initial, cap, failures)).await;
+    }
+}
+
+/// Tries each URL in order; the first that connects and accepts the topology wins.
+/// The error tells whether any broker answered with a topology problem.
+async fn connect_any(amqp: &AmqpSettings) -> Result<(Connection, String), (String, bool)> {
+    let mut errors = Vec::new();
+    let mut misconfigured = false;
+    for url in &amqp.urls {
+        let shown = redact_url(url);
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect_one(url, amqp)).await {
+            Ok(Ok(connection)) => return Ok((connection, shown)),
+            Ok(Err(e)) => {
+                misconfigured |= matches!(e, ConnectError::Topology(_));
+                errors.push(format!("{shown}: {e}"));
+            }
+            Err(_) => errors.push(format!("{shown}: no answer within {CONNECT_TIMEOUT:?}")),
+        }
+    }
+    Err((errors.join("; "), misconfigured))
+}
+
+/// Why one connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("{0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("{0}")]
+    Topology(#[from] topology::TopologyError),
+}
+
+async fn connect_one(url: &str, amqp: &AmqpSettings) -> Result<Connection, ConnectError> {
+    let properties =
+        ConnectionProperties::default().with_connection_name("cellosign-bridge".into());
+    let connection = Connection::connect(url, properties).await?;
+    let channel = connection.create_channel().await?;
+    topology::ensure(&channel, amqp).await?;
+    if amqp.partitions > 0 {
+        // A missing plugin closes this channel; use a fresh one so the error is the plugin's.
+        let channel = connection.create_channel().await?;
+        topology::ensure_partitions(&channel, amqp).await?;
+        let _ = channel.close(200, "topology done".into()).await;
+    }
+    let _ = channel.close(200, "topology done".into()).await;
+    Ok(connection)
+}
+
+/// Publishes the connection as up and follows its events until it fails; returns why.
+async fn watch_connection(
+    connection: Connection,
+    url: String,
+    tx: &watch::Sender<LinkState>,
+    metrics: &Metrics,
+) -> String {
+    let mut events = connection.events_listener();
+    let connection = Arc::new(connection);
+    let set = |blocked: bool| {
+        tx.send_replace(LinkState::Up {
+            connection: connection.clone(),
+            url: url.clone(),
+            blocked,
+        });
+    };
+    set(false);
+    metrics.broker_connected.set(1);
+    // Events report most failures; the periodic check catches a connection that
+    // died without one.
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = check.tick() => {
+                if connection.status().connected() {
+                    continue;
+                }
+                return "connection closed".into();
+            }
+        };
+        match event {
+            Some(lapin::Event::ConnectionBlocked(reason)) => {
+                warn!(%reason, "broker blocked publishing");
+                set(true);
+            }
+            Some(lapin::Event::ConnectionUnblocked) => {
+                info!("broker unblocked publishing");
+                set(false);
+            }
+            Some(lapin::Event::Error(e)) => return e.to_string(),
+            Some(_) => {}
+            None => return "connection closed".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let initial = Duration::from_millis(100);
+        let cap = Duration::from_secs(5);
+        for failures in 1..40 {
+            let d = backoff(initial, cap, failures);
+            let base = (initial * 2u32.pow((failures - 1).min(20))).min(cap);
+            assert!(
+                d >= base / 2 && d <= base,
+                "{failures}: {d:?} outside [{:?}, {base:?}]",
+                base / 2
+            );
+        }
+    }
+}

@@ -1,0 +1,583 @@
+//! Typed settings, layered from built-in defaults, files and the environment.
+//!
+//! Every key is documented in `config/default.toml`. Loading fails, naming the
+//! key, on unknown keys and on values that cannot work, so a typo stops the
+//! start instead of silently running with a default.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::RoutingKeyTemplate;
+use crate::net::Cidr;
+
+/// Prefix of environment overrides: `BRIDGE_<SECTION>__<KEY>`.
+const ENV_PREFIX: &str = "BRIDGE";
+
+/// Keys whose environment value is a comma-separated list.
+const ENV_LIST_KEYS: &[&str] = &[
+    "amqp.urls",
+    "auth.tokens",
+    "auth.allow_from",
+    "http.trusted_proxies",
+    "events.accept",
+];
+
+/// Longest accepted event type name; keeps the message id within an AMQP short string.
+const MAX_EVENT_TYPE_LEN: usize = 64;
+
+/// Why the settings could not be loaded. Each message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or did not deserialize (unknown key, wrong type).
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// A value parsed but cannot work.
+    #[error("{key}: {problem}")]
+    Invalid { key: &'static str, problem: String },
+    /// `auth.tokens_file` could not be read.
+    #[error("auth.tokens_file: cannot read {path}: {source}")]
+    TokensFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+/// Where settings come from, in the order they are layered.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// Directory holding `default.toml` and `{BRIDGE_ENV}.toml`; `None` skips both.
+    pub config_dir: Option<PathBuf>,
+    /// Value of `BRIDGE_ENV` selecting an extra file in `config_dir`.
+    pub environment: Option<String>,
+    /// `--config FILE`.
+    pub file: Option<PathBuf>,
+    /// Environment variables to read overrides from; `None` reads the process environment.
+    pub env: Option<std::collections::HashMap<String, String>>,
+}
+
+impl Sources {
+    /// The layers used by the binary: `config/`, `BRIDGE_ENV`, an optional file, the process env.
+    pub fn standard(file: Option<PathBuf>) -> Self {
+        Sources {
+            config_dir: Some(PathBuf::from("config")),
+            environment: std::env::var("BRIDGE_ENV").ok().filter(|e| !e.is_empty()),
+            file,
+            env: None,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub auth: AuthSettings,
+    pub events: EventSettings,
+    pub delivery: DeliverySettings,
+    pub spool: SpoolSettings,
+    pub amqp: AmqpSettings,
+    pub admin: AdminSettings,
+    pub shutdown: ShutdownSettings,
+    pub log: LogSettings,
+}
+
+/// The public webhook listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+    pub path: String,
+    pub max_body_bytes: usize,
+    pub max_in_flight: usize,
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub trusted_proxies: Vec<Cidr>,
+    pub tls: Option<TlsSettings>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            path: "/webhooks/cellosign".into(),
+            max_body_bytes: 256 * 1024,
+            max_in_flight: 1024,
+            header_read_timeout_ms: 5000,
+            body_read_timeout_ms: 10_000,
+            trusted_proxies: Vec::new(),
+            tls: None,
+        }
+    }
+}
+
+/// PEM files for TLS on the public listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// Who may post webhooks.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    #[serde(serialize_with = "redact_list")]
+    pub tokens: Vec<String>,
+    pub tokens_file: String,
+    pub allow_query_token: bool,
+    pub allow_from: Vec<Cidr>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            tokens: Vec::new(),
+            tokens_file: String::new(),
+            allow_query_token: true,
+            allow_from: Vec::new(),
+        }
+    }
+}
+
+/// Which events are accepted and how repeats are recognised.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventSettings {
+    pub accept: Vec<String>,
+    pub dedup_window_s: u64,
+    pub dedup_max_ids: usize,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        EventSettings {
+            accept: [
+                "WHEF_SESSION_CREATED",
+                "WHEF_SESSION_DELETED",
+                "WHEF_SESSION_EXPIRED",
+                "WHEF_CLIENT_LOGGED_IN",
+                "WHEF_CLIENT_FORM_LOADED",
+                "WHEF_CLIENT_FORM_SUBMITTED",
+            ]
+            .map(String::from)
+            .to_vec(),
+            dedup_window_s: 600,
+            dedup_max_ids: 100_000,
+        }
+    }
+}
+
+/// When the caller is answered "0".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// Once the event is fsync'd to the local spool.
+    #[default]
+    Spooled,
+    /// Once the broker confirmed the publish.
+    Confirmed,
+}
+
+/// Delivery guarantee chosen by the operator.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliverySettings {
+    pub ack: AckMode,
+}
+
+/// The durable local spool.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolSettings {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
+impl Default for SpoolSettings {
+    fn default() -> Self {
+        SpoolSettings {
+            dir: PathBuf::from("var/spool"),
+            max_bytes: 1 << 30,
+        }
+    }
+}
+
+/// RabbitMQ link and topology.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    #[serde(serialize_with = "redact_urls")]
+    pub urls: Vec<String>,
+    pub exchange: String,
+    pub routing_key: String,
+    pub declare: bool,
+    pub publish_timeout_ms: u64,
+    pub max_unconfirmed: usize,
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub partitions: u16,
+    pub queues: Vec<QueueSettings>,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        AmqpSettings {
+            urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()],
+            exchange: "cellosign.events".into(),
+            routing_key: "{session.reference}".into(),
+            declare: true,
+            publish_timeout_ms: 5000,
+            max_unconfirmed: 1024,
+            reconnect_initial_ms: 100,
+            reconnect_max_ms: 30_000,
+            partitions: 0,
+            queues: vec![QueueSettings {
+                name: "cellosign.sessions".into(),
+                kind: QueueKind::Quorum,
+                bindings: vec!["#".into()],
+            }],
+        }
+    }
+}
+
+/// A queue the bridge declares and binds to its exchange.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub name: String,
+    #[serde(rename = "type", default)]
+    pub kind: QueueKind,
+    #[serde(default)]
+    pub bindings: Vec<String>,
+}
+
+/// RabbitMQ queue type (`x-queue-type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    #[default]
+    Quorum,
+    Classic,
+    Stream,
+}
+
+impl QueueKind {
+    /// The value of the `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueKind::Quorum => "quorum",
+            QueueKind::Classic => "classic",
+            QueueKind::Stream => "stream",
+        }
+    }
+}
+
+/// Health, readiness and metrics listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+/// Graceful stop.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSettings {
+    pub grace_ms: u64,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        ShutdownSettings { grace_ms: 10_000 }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+fn redact_list<S: serde::Serializer>(list: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(list.iter().map(|_| "<redacted>"))
+}
+
+fn redact_urls<S: serde::Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|u| redact_url(u)))
+}
+
+/// The URL with its password replaced, for logs and `check-config`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:<redacted>@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+impl Settings {
+    /// Layers every source, then checks values that deserialization cannot.
+    pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(dir) = &sources.config_dir {
+            builder =
+                builder.add_source(config::File::from(dir.join("default.toml")).required(false));
+            if let Some(env) = &sources.environment {
+                builder = builder.add_source(
+                    config::File::from(dir.join(format!("{env}.toml"))).required(false),
+                );
+            }
+        }
+        if let Some(file) = &sources.file {
+            builder = builder.add_source(config::File::from(file.as_path()).required(true));
+        }
+        let mut env = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .list_separator(",")
+            .source(sources.env.clone());
+        for key in ENV_LIST_KEYS {
+            env = env.with_list_parse_key(key);
+        }
+        // BRIDGE_ENV selects a file; it is not a setting.
+        let env_source = env_without_bridge_env(env, sources);
+        let mut settings: Settings = builder.add_source(env_source).build()?.try_deserialize()?;
+        settings.load_tokens_file()?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Adds tokens from `auth.tokens_file`: one per line, `#` comments and blanks ignored.
+    fn load_tokens_file(&mut self) -> Result<(), ConfigError> {
+        if self.auth.tokens_file.is_empty() {
+            return Ok(());
+        }
+        let path = Path::new(&self.auth.tokens_file);
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::TokensFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.auth.tokens.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+        Ok(())
+    }
+
+    /// Rejects values that deserialize but cannot work.
+    fn check(&self) -> Result<(), ConfigError> {
+        let http = &self.http;
+        if !http.path.starts_with('/') {
+            return Err(invalid("http.path", "must start with '/'"));
+        }
+        if http.max_body_bytes == 0 {
+            return Err(invalid("http.max_body_bytes", "must be > 0"));
+        }
+        if http.max_in_flight == 0 {
+            return Err(invalid("http.max_in_flight", "must be > 0"));
+        }
+        if http.header_read_timeout_ms == 0 {
+            return Err(invalid("http.header_read_timeout_ms", "must be > 0"));
+        }
+        if http.body_read_timeout_ms == 0 {
+            return Err(invalid("http.body_read_timeout_ms", "must be > 0"));
+        }
+        if let Some(tls) = &http.tls {
+            for (key, file) in [
+                ("http.tls.cert_file", &tls.cert_file),
+                ("http.tls.key_file", &tls.key_file),
+            ] {
+                if !file.is_file() {
+                    return Err(invalid(
+                        key,
+                        format!("{} is not a readable file", file.display()),
+                    ));
+                }
+            }
+        }
+        if self
+            .auth
+            .tokens
+            .iter()
+            .any(|t| t.is_empty() || t.chars().any(char::is_whitespace))
+        {
+            return Err(invalid(
+                "auth.tokens",
+                "tokens must be non-empty and contain no whitespace",
+            ));
+        }
+        self.check_events()?;
+        if self.spool.max_bytes == 0 {
+            return Err(invalid("spool.max_bytes", "must be > 0"));
+        }
+        if self.delivery.ack == AckMode::Spooled && self.spool.dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "spool.dir",
+                "must be set when delivery.ack = \"spooled\"",
+            ));
+        }
+        self.check_amqp()?;
+        if self.admin.listen == self.http.listen && self.http.listen.port() != 0 {
+            return Err(invalid("admin.listen", "must differ from http.listen"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a level filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_events(&self) -> Result<(), ConfigError> {
+        let accept = &self.events.accept;
+        if accept.is_empty() {
+            return Err(invalid(
+                "events.accept",
+                "must list at least one event type",
+            ));
+        }
+        for t in accept {
+            if t.is_empty()
+                || t.len() > MAX_EVENT_TYPE_LEN
+                || !t.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid(
+                    "events.accept",
+                    format!(
+                        "{t:?}: an event type is 1..={MAX_EVENT_TYPE_LEN} printable ASCII characters"
+                    ),
+                ));
+            }
+        }
+        if self.events.dedup_max_ids == 0 && self.events.dedup_window_s > 0 {
+            return Err(invalid(
+                "events.dedup_max_ids",
+                "must be > 0 while dedup_window_s > 0",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_amqp(&self) -> Result<(), ConfigError> {
+        let amqp = &self.amqp;
+        if amqp.urls.is_empty() {
+            return Err(invalid("amqp.urls", "must list at least one broker URL"));
+        }
+        for url in &amqp.urls {
+            if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(invalid("amqp.urls", format!("{}: {e}", redact_url(url))));
+            }
+        }
+        if amqp.exchange.is_empty() || amqp.exchange.len() > 200 {
+            return Err(invalid("amqp.exchange", "must be 1..=200 bytes"));
+        }
+        if let Err(e) = amqp.routing_key.parse::<RoutingKeyTemplate>() {
+            return Err(invalid("amqp.routing_key", e.to_string()));
+        }
+        if amqp.publish_timeout_ms == 0 {
+            return Err(invalid("amqp.publish_timeout_ms", "must be > 0"));
+        }
+        if amqp.max_unconfirmed == 0 {
+            return Err(invalid("amqp.max_unconfirmed", "must be > 0"));
+        }
+        if amqp.reconnect_initial_ms == 0 || amqp.reconnect_max_ms < amqp.reconnect_initial_ms {
+            return Err(invalid(
+                "amqp.reconnect_max_ms",
+                "need 0 < reconnect_initial_ms <= reconnect_max_ms",
+            ));
+        }
+        let mut names = HashSet::new();
+        for queue in &amqp.queues {
+            if queue.name.is_empty() || queue.name.len() > 255 {
+                return Err(invalid("amqp.queues", "a queue name is 1..=255 bytes"));
+            }
+            if !names.insert(queue.name.as_str()) {
+                return Err(invalid(
+                    "amqp.queues",
+                    format!("queue {:?} is listed twice", queue.name),
+                ));
+            }
+            if queue.bindings.iter().any(|b| b.len() > 255) {
+                return Err(invalid(
+                    "amqp.queues",
+                    format!("queue {:?}: a binding key is at most 255 bytes", queue.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings as TOML with secrets redacted, for `check-config`.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.auth.tokens_file.is_empty() {
+            // Tokens from the file are already merged into `tokens`, which is redacted.
+            shown.auth.tokens_file = format!("{} (read)", shown.auth.tokens_file);
+        }
+        toml::to_string_pretty(&shown)
+            .unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
+    }
+}
+
+/// `BRIDGE_ENV` shares the prefix but is not a key; leave it out of the overrides.
+fn env_without_bridge_env(env: config::Environment, sources: &Sources) -> config::Environment {
+    let vars: std::collections::HashMap<String, String> = match &sources.env {
+        Some(map) => map.clone(),
+        None => std::env::vars().collect(),
+    };
+    env.source(Some(
+        vars.into_iter()
+            .filter(|(k, _)| k != "BRIDGE_ENV")
+            .collect(),
+    ))
+}

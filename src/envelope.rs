@@ -1,0 +1,132 @@
+//! An accepted event as it is stored and published: the body bytes plus what
+//! the broker message needs, computed once at acceptance.
+//!
+//! Keeping the routing key and message id with the body means a spooled event
+//! is published exactly as it was accepted, even if the configuration changes
+//! before it is forwarded.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::event::Event;
+
+/// Format version of the encoding, first byte of every record.
+const VERSION: u8 = 1;
+
+/// An event accepted for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub routing_key: String,
+    pub message_id: String,
+    pub event_type: String,
+    pub session_id: String,
+    pub reference: String,
+    /// When the bridge received it, Unix milliseconds.
+    pub received_at_ms: u64,
+    /// The request body, byte for byte.
+    pub body: Bytes,
+}
+
+/// A stored record that cannot be decoded (a bug or a foreign file, never a torn write:
+/// the spool only hands out committed records).
+#[derive(Debug, thiserror::Error)]
+#[error("spool record is not a valid envelope ({0})")]
+pub struct DecodeError(&'static str);
+
+impl Envelope {
+    /// Builds the envelope of a validated event.
+    pub fn new(event: &Event<'_>, body: Bytes, received_at_ms: u64) -> Self {
+        Envelope {
+            routing_key: event.routing_key.clone(),
+            message_id: event.message_id.clone(),
+            event_type: event.event_type.to_string(),
+            session_id: event.session_id.to_string(),
+            reference: event.reference.to_string(),
+            received_at_ms,
+            body,
+        }
+    }
+
+    fn fields(&self) -> [&str; 5] {
+        [
+            &self.routing_key,
+            &self.message_id,
+            &self.event_type,
+            &self.session_id,
+            &self.reference,
+        ]
+    }
+
+    /// Serialises for the spool: version, time, five length-prefixed strings, then the body.
+    pub fn encode(&self) -> Bytes {
+        let fields = self.fields();
+        let len = 1 + 8 + fields.iter().map(|f| 2 + f.len()).sum::<usize>() + self.body.len();
+        let mut out = BytesMut::with_capacity(len);
+        out.put_u8(VERSION);
+        out.put_u64(self.received_at_ms);
+        for f in fields {
+            // Every field is bounded by validation to at most 255 bytes.
+            out.put_u16(f.len() as u16);
+            out.put_slice(f.as_bytes());
+        }
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    /// Reverses [`Envelope::encode`]; the body shares `record`'s memory.
+    pub fn decode(mut record: Bytes) -> Result<Self, DecodeError> {
+        if record.remaining() < 9 || record.get_u8() != VERSION {
+            return Err(DecodeError("unknown version"));
+        }
+        let received_at_ms = record.get_u64();
+        let mut take = || -> Result<String, DecodeError> {
+            if record.remaining() < 2 {
+                return Err(DecodeError("truncated"));
+            }
+            let len = usize::from(record.get_u16());
+            if record.remaining() < len {
+                return Err(DecodeError("truncated"));
+            }
+            String::from_utf8(record.split_to(len).to_vec()).map_err(|_| DecodeError("not UTF-8"))
+        };
+        Ok(Envelope {
+            routing_key: take()?,
+            message_id: take()?,
+            event_type: take()?,
+            session_id: take()?,
+            reference: take()?,
+            received_at_ms,
+            body: record,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Envelope {
+        Envelope {
+            routing_key: "ref-1".into(),
+            message_id: "s1:WHEF_SESSION_CREATED:2025-01-26T08:49:33.626046".into(),
+            event_type: "WHEF_SESSION_CREATED".into(),
+            session_id: "s1".into(),
+            reference: "ref-é".into(),
+            received_at_ms: 1_737_881_373_626,
+            body: Bytes::from_static(b"{\"a\": 1}\n"),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let e = sample();
+        assert_eq!(Envelope::decode(e.encode()).unwrap(), e);
+    }
+
+    #[test]
+    fn rejects_truncated_and_foreign_records() {
+        let encoded = sample().encode();
+        assert!(Envelope::decode(encoded.slice(..12)).is_err());
+        assert!(Envelope::decode(Bytes::from_static(b"\x09garbage-garbage")).is_err());
+        assert!(Envelope::decode(Bytes::new()).is_err());
+    }
+}

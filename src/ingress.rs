@@ -1,0 +1,358 @@
+//! The public webhook endpoint: checks in the contract's order, then validation,
+//! dedup and delivery, and Cellosign's status body on every answer.
+//!
+//! Order (the first failing check answers): path 404, method 405, client
+//! address 403, token 401, content type 415, size 413, in flight 429, JSON 400,
+//! validation 422, storing 503. Everything up to 429 is decided from the head.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::Semaphore;
+use tracing::info;
+
+use crate::auth::Auth;
+use crate::dedup::Dedup;
+use crate::delivery::{Delivery, DeliveryError};
+use crate::envelope::Envelope;
+use crate::event::{Policy, validate};
+use crate::metrics::{Metrics, TypeLabel};
+use crate::server::Handler;
+
+/// Seconds a caller is asked to wait after 429.
+const RETRY_AFTER_BUSY_S: &str = "1";
+/// Seconds a caller is asked to wait after 503.
+const RETRY_AFTER_UNAVAILABLE_S: &str = "5";
+
+/// Limits of the public endpoint.
+#[derive(Debug, Clone)]
+pub struct IngressLimits {
+    pub path: String,
+    pub max_body_bytes: usize,
+    pub max_in_flight: usize,
+    pub body_read_timeout: Duration,
+}
+
+/// The webhook handler and everything it needs.
+pub struct Ingress {
+    limits: IngressLimits,
+    auth: Auth,
+    policy: Policy,
+    dedup: Dedup,
+    delivery: Delivery,
+    metrics: Arc<Metrics>,
+    in_flight: Semaphore,
+}
+
+/// A refused request: its HTTP code, the reason shown to the caller, and a metric label.
+struct Refusal {
+    status: StatusCode,
+    reason: String,
+    metric: &'static str,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: impl Into<String>, metric: &'static str) -> Self {
+        Refusal {
+            status,
+            reason: reason.into(),
+            metric,
+        }
+    }
+}
+
+/// What the request log line says about the event, once known.
+#[derive(Default)]
+struct LogFields {
+    event_type: Option<String>,
+    session_id: Option<String>,
+    reference: Option<String>,
+}
+
+impl Ingress {
+    /// Assembles the handler.
+    pub fn new(
+        limits: IngressLimits,
+        auth: Auth,
+        policy: Policy,
+        dedup: Dedup,
+        delivery: Delivery,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let in_flight = Semaphore::new(limits.max_in_flight);
+        Ingress {
+            limits,
+            auth,
+            policy,
+            dedup,
+            delivery,
+            metrics,
+            in_flight,
+        }
+    }
+
+    /// The delivery path, for readiness.
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
+    }
+
+    async fn process(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        log: &mut LogFields,
+    ) -> Result<(), Refusal> {
+        if req.uri().path() != self.limits.path {
+            return Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "unknown path",
+                "not_found",
+            ));
+        }
+        if req.method() != Method::POST {
+            return Err(Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed, use POST",
+                "method",
+            ));
+        }
+        if !self.auth.client_allowed(peer.ip(), req.headers()) {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "client address not allowed",
+                "forbidden",
+            ));
+        }
+        if !self.auth.token_valid(req.headers(), req.uri().query()) {
+            return Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or invalid token",
+                "unauthorized",
+            ));
+        }
+        if let Some(ct) = req.headers().get(CONTENT_TYPE)
+            && !is_json(ct)
+        {
+            return Err(Refusal::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "content type must be application/json",
+                "content_type",
+            ));
+        }
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.limits.max_body_bytes as u64) {
+            return Err(self.too_large());
+        }
+        let _permit = self.in_flight.try_acquire().map_err(|_| {
+            Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests in flight",
+                "overloaded",
+            )
+        })?;
+        let body = self.read_body(req.into_body()).await?;
+        let received_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let event = validate(&body, &self.policy).map_err(|rejection| Refusal {
+            status: StatusCode::from_u16(rejection.http_status())
+                .unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+            reason: rejection.to_string(),
+            metric: rejection.metric_reason(),
+        })?;
+        log.event_type = Some(event.event_type.to_string());
+        log.session_id = Some(event.session_id.to_string());
+        log.reference = Some(event.reference.to_string());
+        if self.dedup.seen(&event.message_id) {
+            self.metrics.dedup_hits.inc();
+            return Ok(());
+        }
+        let envelope = Envelope::new(&event, body.clone(), received_at_ms);
+        self.delivery.accept(envelope).await.map_err(|e| {
+            let metric = match e {
+                DeliveryError::Full => "spool_full",
+                DeliveryError::Storage(_) => "spool_error",
+                DeliveryError::Publish(_) => "broker_unavailable",
+            };
+            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), metric)
+        })?;
+        self.dedup.remember(&event.message_id);
+        self.metrics
+            .events_accepted
+            .get_or_create(&TypeLabel {
+                r#type: event.event_type.to_string(),
+            })
+            .inc();
+        Ok(())
+    }
+
+    fn too_large(&self) -> Refusal {
+        Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than {} bytes", self.limits.max_body_bytes),
+            "too_large",
+        )
+    }
+
+    /// Reads the whole body, at most `max_body_bytes`, within the body timeout.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
+        let limited = Limited::new(body, self.limits.max_body_bytes);
+        match tokio::time::timeout(self.limits.body_read_timeout, limited.collect()).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(self.too_large()),
+            Ok(Err(_)) => Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "body: could not be read",
+                "body_error",
+            )),
+            Err(_) => Err(Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body: not received in time",
+                "body_timeout",
+            )),
+        }
+    }
+}
+
+impl Handler for Ingress {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        // The path only: the query may carry the token.
+        let path = req.uri().path().to_string();
+        let mut log = LogFields::default();
+        let result = self.process(req, peer, &mut log).await;
+        let response = match &result {
+            Ok(()) => {
+                self.metrics
+                    .ack_latency
+                    .observe(started.elapsed().as_secs_f64());
+                answer(StatusCode::OK, "")
+            }
+            Err(refusal) => {
+                self.metrics.count_rejection(refusal.metric);
+                let mut response = answer(refusal.status, &refusal.reason);
+                let headers = response.headers_mut();
+                match refusal.status {
+                    StatusCode::METHOD_NOT_ALLOWED => {
+                        headers.insert(ALLOW, HeaderValue::from_static("POST"));
+                    }
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        headers.insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_BUSY_S));
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE => {
+                        headers.insert(
+                            RETRY_AFTER,
+                            HeaderValue::from_static(RETRY_AFTER_UNAVAILABLE_S),
+                        );
+                    }
+                    // The rest of the body was not read: the connection cannot be reused.
+                    StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => {
+                        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    _ => {}
+                }
+                response
+            }
+        };
+        let code = response.status().as_u16();
+        self.metrics.count_request(code);
+        info!(
+            target: "cellosign_bridge::request",
+            %method,
+            %path,
+            peer = %peer.ip(),
+            code,
+            event_type = log.event_type.as_deref().unwrap_or("-"),
+            session_id = log.session_id.as_deref().unwrap_or("-"),
+            reference = log.reference.as_deref().unwrap_or("-"),
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            reason = result.as_ref().err().map_or("", |r| r.reason.as_str()),
+            "webhook"
+        );
+        response
+    }
+}
+
+/// `application/json`, with any parameters.
+fn is_json(value: &HeaderValue) -> bool {
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Cellosign's status body: `{"status":"0","errordesc":""}` or `"-1"` with a reason.
+pub fn answer(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+    /// Field order as Cellosign documents it.
+    #[derive(serde::Serialize)]
+    struct StatusBody<'a> {
+        status: &'static str,
+        errordesc: &'a str,
+    }
+    let code = if status == StatusCode::OK { "0" } else { "-1" };
+    let body = serde_json::to_string(&StatusBody {
+        status: code,
+        errordesc: reason,
+    })
+    .unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    #[test]
+    fn json_content_types() {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON;x=y",
+        ] {
+            assert!(is_json(&HeaderValue::from_static(ok)), "{ok}");
+        }
+        for bad in [
+            "text/plain",
+            "application/jsonx",
+            "application/x-www-form-urlencoded",
+            "",
+        ] {
+            assert!(!is_json(&HeaderValue::from_static(bad)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn status_body_escapes_reasons() {
+        let r = answer(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "event: duplicate key \"type\"",
+        );
+        assert_eq!(r.status(), 422);
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
+        let ok = answer(StatusCode::OK, "");
+        let body = http_body_util::BodyExt::collect(ok.into_body()).now_or_never();
+        let bytes = body.and_then(Result::ok).map(|c| c.to_bytes());
+        assert_eq!(
+            bytes.as_deref(),
+            Some(&br#"{"status":"0","errordesc":""}"#[..])
+        );
+    }
+}

@@ -1,0 +1,46 @@
+//! The `cellosign-bridge` binary: parse the command line, load settings, dispatch.
+
+use anyhow::Context;
+use cellosign_bridge::cli::{self, Cli, Command, SpoolCommand};
+use cellosign_bridge::config::{Settings, Sources};
+use cellosign_bridge::startup::Application;
+use cellosign_bridge::{tail, telemetry};
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings =
+        Settings::load(&Sources::standard(cli.config.clone())).context("invalid configuration")?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            telemetry::init(&settings.log);
+            let app = Application::build(settings).await.context("cannot start")?;
+            app.run_until_stopped(shutdown_signal()).await;
+        }
+        Command::CheckConfig => print!("{}", settings.redacted_toml()),
+        Command::Tail { binding } => tail::run(&settings, &binding).await?,
+        Command::Spool {
+            command: SpoolCommand::Stats,
+        } => println!("{}", cli::spool_stats(&settings).await?),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        // Without signal handlers the process can only be killed; run until then.
+        _ => std::future::pending().await,
+    }
+}

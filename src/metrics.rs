@@ -1,0 +1,155 @@
+//! Prometheus metrics: one struct that every part updates, rendered by the admin listener.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label of `http_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: u16,
+}
+
+/// Label of `events_accepted_total`; only accepted types reach it, so cardinality is bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub r#type: String,
+}
+
+/// Label of `events_rejected_total`: a short, fixed reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Every metric the bridge exports, named `cellosign_bridge_*`.
+pub struct Metrics {
+    pub http_requests: Family<CodeLabel, Counter>,
+    pub events_accepted: Family<TypeLabel, Counter>,
+    pub events_rejected: Family<ReasonLabel, Counter>,
+    pub ack_latency: Histogram,
+    pub publish_confirm: Histogram,
+    pub spool_events: Gauge,
+    pub spool_bytes: Gauge,
+    pub broker_connected: Gauge,
+    pub broker_reconnects: Counter,
+    pub broker_nacks: Counter,
+    pub broker_returns: Counter,
+    pub dedup_hits: Counter,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        // 100 µs .. ~6.5 s: answers are sub-millisecond when healthy, seconds when not.
+        let latency_buckets = || exponential_buckets(0.0001, 2.0, 17);
+        let m = Metrics {
+            http_requests: Family::default(),
+            events_accepted: Family::default(),
+            events_rejected: Family::default(),
+            ack_latency: Histogram::new(latency_buckets()),
+            publish_confirm: Histogram::new(latency_buckets()),
+            spool_events: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            broker_connected: Gauge::default(),
+            broker_reconnects: Counter::default(),
+            broker_nacks: Counter::default(),
+            broker_returns: Counter::default(),
+            dedup_hits: Counter::default(),
+            registry: Registry::default(),
+        };
+        let mut r = Registry::with_prefix("cellosign_bridge");
+        r.register(
+            "http_requests",
+            "Webhook requests answered, by HTTP code",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "events_accepted",
+            "Events answered \"0\", by event type",
+            m.events_accepted.clone(),
+        );
+        r.register(
+            "events_rejected",
+            "Events refused, by reason",
+            m.events_rejected.clone(),
+        );
+        r.register(
+            "ack_latency_seconds",
+            "Time from request to answer for accepted events",
+            m.ack_latency.clone(),
+        );
+        r.register(
+            "publish_confirm_seconds",
+            "Time from publish to broker confirm",
+            m.publish_confirm.clone(),
+        );
+        r.register(
+            "spool_events",
+            "Events in the spool, not yet confirmed by the broker",
+            m.spool_events.clone(),
+        );
+        r.register(
+            "spool_bytes",
+            "Bytes of events in the spool",
+            m.spool_bytes.clone(),
+        );
+        r.register(
+            "broker_connected",
+            "1 while a broker connection is open",
+            m.broker_connected.clone(),
+        );
+        r.register(
+            "broker_reconnects",
+            "Broker connections opened after the first",
+            m.broker_reconnects.clone(),
+        );
+        r.register(
+            "broker_nacks",
+            "Publishes the broker nacked",
+            m.broker_nacks.clone(),
+        );
+        r.register(
+            "broker_returns",
+            "Publishes the broker returned as unroutable",
+            m.broker_returns.clone(),
+        );
+        r.register(
+            "dedup_hits",
+            "Repeated events answered without publishing again",
+            m.dedup_hits.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    /// Counts an answer by HTTP code.
+    pub fn count_request(&self, code: u16) {
+        self.http_requests.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    /// Counts a refused event.
+    pub fn count_rejection(&self, reason: &'static str) {
+        self.events_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,218 @@
+//! Builds the whole application from settings, for `main` and tests alike,
+//! and runs it until a shutdown signal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin::Admin;
+use crate::auth::Auth;
+use crate::broker::Link;
+use crate::config::{AckMode, Settings};
+use crate::dedup::Dedup;
+use crate::delivery::Delivery;
+use crate::event::{Policy, RoutingKeyTemplate};
+use crate::forwarder::Forwarder;
+use crate::ingress::{Ingress, IngressLimits};
+use crate::metrics::Metrics;
+use crate::publish::DirectPublisher;
+use crate::server::{ServerLimits, serve};
+use crate::spool::{Spool, SpoolError};
+
+/// Why the application could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("spool.dir: cannot open the spool: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("amqp.routing_key: {0}")]
+    RoutingKey(#[from] crate::event::TemplateError),
+}
+
+/// A built, bound application, not yet serving.
+pub struct Application {
+    settings: Settings,
+    http: TcpListener,
+    admin: TcpListener,
+    ingress: Arc<Ingress>,
+    admin_handler: Arc<Admin>,
+    link_stop: CancellationToken,
+    link_task: JoinHandle<()>,
+    spool: Option<Spool>,
+    forwarder: Option<Forwarder>,
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+impl Application {
+    /// Binds both listeners, opens the spool, starts the broker link and forwarder.
+    pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        let http = bind("http.listen", settings.http.listen).await?;
+        let admin = bind("admin.listen", settings.admin.listen).await?;
+        let metrics = Arc::new(Metrics::new());
+
+        let link_stop = CancellationToken::new();
+        let (link, link_task) = Link::start(
+            settings.amqp.clone(),
+            metrics.clone(),
+            link_stop.clone().cancelled_owned(),
+        );
+
+        let (delivery, spool, forwarder) = match settings.delivery.ack {
+            AckMode::Spooled => {
+                let spool = Spool::open(&settings.spool.dir, settings.spool.max_bytes)?;
+                let stats = spool.stats();
+                if stats.events > 0 {
+                    info!(
+                        events = stats.events,
+                        bytes = stats.bytes,
+                        "spool holds events from before; forwarding them first"
+                    );
+                }
+                let forwarder =
+                    Forwarder::start(spool.clone(), link.clone(), &settings.amqp, metrics.clone());
+                (
+                    Delivery::Spooled(spool.clone()),
+                    Some(spool),
+                    Some(forwarder),
+                )
+            }
+            AckMode::Confirmed => {
+                let publisher = DirectPublisher::new(
+                    link.clone(),
+                    settings.amqp.exchange.clone(),
+                    Duration::from_millis(settings.amqp.publish_timeout_ms),
+                    metrics.clone(),
+                );
+                (Delivery::Confirmed(Box::new(publisher)), None, None)
+            }
+        };
+
+        let auth = Auth::new(&settings.auth, &settings.http.trusted_proxies);
+        if auth.is_open() {
+            warn!("auth.tokens is empty: anyone who can reach the webhook can post events");
+        }
+        let template: RoutingKeyTemplate = settings.amqp.routing_key.parse()?;
+        let policy = Policy::new(settings.events.accept.clone(), template);
+        let dedup = Dedup::new(
+            Duration::from_secs(settings.events.dedup_window_s),
+            settings.events.dedup_max_ids,
+        );
+        let limits = IngressLimits {
+            path: settings.http.path.clone(),
+            max_body_bytes: settings.http.max_body_bytes,
+            max_in_flight: settings.http.max_in_flight,
+            body_read_timeout: Duration::from_millis(settings.http.body_read_timeout_ms),
+        };
+        let ingress = Arc::new(Ingress::new(
+            limits,
+            auth,
+            policy,
+            dedup,
+            delivery,
+            metrics.clone(),
+        ));
+        let admin_handler = Arc::new(Admin::new(
+            settings.delivery.ack,
+            link,
+            spool.clone().map(|s| (s, settings.spool.max_bytes)),
+            metrics,
+        ));
+        Ok(Application {
+            settings,
+            http,
+            admin,
+            ingress,
+            admin_handler,
+            link_stop,
+            link_task,
+            spool,
+            forwarder,
+        })
+    }
+
+    /// Address of the public listener (useful when bound to port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().unwrap_or(self.settings.http.listen)
+    }
+
+    /// Address of the admin listener.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or(self.settings.admin.listen)
+    }
+
+    /// Serves until `shutdown` resolves, then stops in order: stop accepting,
+    /// finish requests in flight, forward what can be forwarded within
+    /// `shutdown.grace_ms`, keep the rest in the spool.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
+        let grace = Duration::from_millis(self.settings.shutdown.grace_ms);
+        let header_read_timeout = Duration::from_millis(self.settings.http.header_read_timeout_ms);
+        let limits = ServerLimits {
+            header_read_timeout,
+            drain_deadline: grace,
+        };
+        let public_stop = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
+        let public = tokio::spawn(serve(
+            self.http,
+            self.ingress,
+            limits,
+            public_stop.clone().cancelled_owned(),
+        ));
+        let admin = tokio::spawn(serve(
+            self.admin,
+            self.admin_handler,
+            limits,
+            admin_stop.clone().cancelled_owned(),
+        ));
+        info!(
+            http = %self.settings.http.listen,
+            path = %self.settings.http.path,
+            admin = %self.settings.admin.listen,
+            mode = ?self.settings.delivery.ack,
+            "cellosign-bridge serving"
+        );
+
+        shutdown.await;
+        let deadline = Instant::now() + grace;
+        info!(
+            grace_ms = self.settings.shutdown.grace_ms,
+            "shutting down: no new requests"
+        );
+        public_stop.cancel();
+        let _ = public.await;
+        if let Some(forwarder) = self.forwarder {
+            forwarder.drain_until(deadline).await;
+        }
+        self.link_stop.cancel();
+        let _ = self.link_task.await;
+        if let Some(spool) = self.spool {
+            let left = spool.stats().events;
+            if left > 0 {
+                info!(events = left, "events kept in the spool for the next start");
+            }
+            spool.close().await;
+        }
+        admin_stop.cancel();
+        let _ = admin.await;
+        info!("stopped");
+    }
+}
