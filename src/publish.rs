@@ -155,9 +155,11 @@ impl DirectPublisher {
     /// Publishes and waits for a plain ack, at most the publish timeout.
     pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.publish_inner(envelope))
-            .await
-            .unwrap_or(Err(PublishError::Timeout(self.timeout)));
+        let result = match tokio::time::timeout(self.timeout, self.publish_inner(envelope)).await {
+            Ok(result) => result,
+            Err(_) if self.link.connection().is_none() => Err(PublishError::Unreachable),
+            Err(_) => Err(PublishError::Timeout(self.timeout)),
+        };
         match &result {
             Ok(()) => self
                 .metrics
@@ -177,7 +179,12 @@ impl DirectPublisher {
     }
 
     async fn channel(&self) -> Result<Channel, PublishError> {
-        let connection = self.link.connection().ok_or(PublishError::Unreachable)?;
+        // Rides out a reconnect (or the start) within the publish timeout
+        // instead of failing at once; the caller's timeout bounds the wait.
+        let connection = match self.link.connection() {
+            Some(connection) => connection,
+            None => self.link.connected().await,
+        };
         let mut slot = self.channel.lock().await;
         if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
             return Ok(channel.clone());

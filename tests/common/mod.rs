@@ -1,0 +1,369 @@
+//! Shared by the integration tests: run the real application on port 0 against
+//! a real RabbitMQ, post to it over real HTTP, and read what reached the broker.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cellosign_bridge::config::{AckMode, Settings, Sources};
+use cellosign_bridge::startup::Application;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The broker tests use: `AMQP_ADDR`, else the local one.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A name no other test (or run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "test.{prefix}.{}.{}.{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The built-in defaults (no files, no environment), made fit for a test:
+/// port-0 listeners, a unique exchange with no queues, a temp spool.
+pub fn test_settings(mode: AckMode, spool_dir: &std::path::Path) -> Settings {
+    let sources = Sources {
+        env: Some(Default::default()),
+        ..Sources::default()
+    };
+    let mut s = Settings::load(&sources).expect("built-in defaults load");
+    s.http.listen = "127.0.0.1:0".parse().unwrap();
+    s.admin.listen = "127.0.0.1:0".parse().unwrap();
+    s.delivery.ack = mode;
+    s.spool.dir = spool_dir.to_path_buf();
+    s.amqp.urls = vec![amqp_url()];
+    s.amqp.exchange = unique("ex");
+    s.amqp.queues = Vec::new();
+    s.amqp.publish_timeout_ms = 3000;
+    s.shutdown.grace_ms = 3000;
+    s
+}
+
+/// The application running in this process.
+pub struct TestApp {
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub settings: Settings,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    _spool: tempfile::TempDir,
+}
+
+/// Starts the real application with `configure` applied to [`test_settings`].
+pub async fn spawn_app(mode: AckMode, configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let spool = tempfile::tempdir().expect("temp dir");
+    let mut settings = test_settings(mode, spool.path());
+    configure(&mut settings);
+    spawn_with(settings, spool).await
+}
+
+/// Starts the real application with exactly these settings.
+pub async fn spawn_with(settings: Settings, spool: tempfile::TempDir) -> TestApp {
+    let app = Application::build(settings.clone())
+        .await
+        .expect("application builds");
+    let (http, admin) = (app.http_addr(), app.admin_addr());
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until_stopped(async {
+        let _ = rx.await;
+    }));
+    TestApp {
+        http,
+        admin,
+        settings,
+        client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        stop: Some(tx),
+        task: Some(task),
+        _spool: spool,
+    }
+}
+
+/// What the bridge answered.
+#[derive(Debug)]
+pub struct Answer {
+    pub code: u16,
+    pub status: String,
+    pub errordesc: String,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl TestApp {
+    /// The webhook URL.
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.http, self.settings.http.path)
+    }
+
+    /// POSTs `body` with a content type (None: no header) and parses the status body.
+    pub async fn post(&self, body: impl Into<reqwest::Body>, content_type: Option<&str>) -> Answer {
+        let mut req = self.client.post(self.url()).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        answer(req.send().await.expect("request sent")).await
+    }
+
+    /// POSTs a JSON body.
+    pub async fn post_json(&self, body: &str) -> Answer {
+        self.post(body.to_string(), Some("application/json")).await
+    }
+
+    /// GETs an admin path: (code, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .client
+            .get(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+            .expect("admin request");
+        let code = r.status().as_u16();
+        (code, r.text().await.unwrap_or_default())
+    }
+
+    /// Stops the app as SIGTERM would, and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("app task");
+        }
+    }
+}
+
+/// Parses any bridge answer, checking the invariants every answer has.
+pub async fn answer(r: reqwest::Response) -> Answer {
+    let code = r.status().as_u16();
+    let headers = r.headers().clone();
+    assert_eq!(
+        headers.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/json"),
+        "every answer is JSON"
+    );
+    let v: serde_json::Value = r.json().await.expect("JSON status body");
+    let status = v["status"].as_str().expect("status string").to_string();
+    let errordesc = v["errordesc"]
+        .as_str()
+        .expect("errordesc string")
+        .to_string();
+    assert_eq!(
+        status == "0",
+        code == 200,
+        "status {status:?} with HTTP {code}"
+    );
+    assert_eq!(
+        errordesc.is_empty(),
+        code == 200,
+        "errordesc {errordesc:?} with HTTP {code}"
+    );
+    Answer {
+        code,
+        status,
+        errordesc,
+        headers,
+    }
+}
+
+/// A consumer-side view of the broker for assertions.
+pub struct Broker {
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl Broker {
+    /// Connects to `url`.
+    pub async fn connect(url: &str) -> Broker {
+        let connection = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .expect("test connects to RabbitMQ (is it running? apt-get install rabbitmq-server)");
+        let channel = connection.create_channel().await.expect("channel");
+        Broker {
+            connection,
+            channel,
+        }
+    }
+
+    /// A server-named exclusive queue bound to `exchange` with `binding`, consumed with manual acks.
+    pub async fn subscribe(&self, exchange: &str, binding: &str) -> Consumer {
+        let q = self
+            .channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        self.channel
+            .queue_bind(
+                q.name().clone(),
+                exchange.into(),
+                binding.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        self.consume(q.name().as_str()).await
+    }
+
+    /// A durable queue bound with `binding`, surviving this connection (for restart tests).
+    pub async fn durable_queue(&self, exchange: &str, name: &str, binding: &str) {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+        self.channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .expect("durable queue");
+        self.channel
+            .queue_bind(
+                name.into(),
+                exchange.into(),
+                binding.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+    }
+
+    /// Consumes `queue` with manual acks.
+    pub async fn consume(&self, queue: &str) -> Consumer {
+        self.channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume")
+    }
+
+    /// Declares the exchange as the bridge would, so a queue can be bound before the bridge connects.
+    pub async fn declare_exchange(&self, exchange: &str) {
+        let mut args = FieldTable::default();
+        args.insert(
+            "alternate-exchange".into(),
+            lapin::types::AMQPValue::LongString(format!("{exchange}.unrouted").into()),
+        );
+        self.channel
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .expect("exchange");
+    }
+
+    /// Removes what a test's bridge declared.
+    pub async fn cleanup(&self, exchange: &str) {
+        let unrouted = format!("{exchange}.unrouted");
+        let _ = self
+            .channel
+            .queue_delete(unrouted.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self
+            .channel
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await;
+        let _ = self
+            .channel
+            .exchange_delete(unrouted.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
+/// Takes `n` deliveries (acking each), failing after `within` without them.
+pub async fn take(consumer: &mut Consumer, n: usize, within: Duration) -> Vec<Delivery> {
+    let mut out = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + within;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, consumer.next()).await {
+            Ok(Some(Ok(d))) => {
+                d.ack(lapin::options::BasicAckOptions::default())
+                    .await
+                    .expect("ack");
+                out.push(d);
+            }
+            Ok(Some(Err(e))) => panic!("consumer error: {e}"),
+            Ok(None) => panic!("consumer ended after {} of {n}", out.len()),
+            Err(_) => panic!(
+                "only {} of {n} messages arrived within {within:?}",
+                out.len()
+            ),
+        }
+    }
+    out
+}
+
+/// Asserts that nothing more arrives for `quiet`.
+pub async fn assert_quiet(consumer: &mut Consumer, quiet: Duration) {
+    if let Ok(Some(d)) = tokio::time::timeout(quiet, consumer.next()).await {
+        panic!("unexpected message: {:?}", d.map(|d| d.routing_key));
+    }
+}
+
+/// A valid event body.
+pub fn event_body(
+    event_type: &str,
+    session_id: &str,
+    reference: &str,
+    transaction_number: u64,
+) -> String {
+    serde_json::json!({
+        "event": { "type": event_type, "timestamp": format!("2025-01-26T08:49:33.{transaction_number:06}") },
+        "session": {
+            "id": session_id, "reference": reference, "process_id": "p-1", "process_number": 51,
+            "transaction_number": transaction_number,
+            "recipient": { "id": 1, "name": "client" }, "labels": { "CUSTOMER_TAG": "CUSTOMER_VALUE" }
+        }
+    })
+    .to_string()
+}
+
+/// Test vectors shipped with the repo (a copy of the shared contract's).
+pub fn vectors() -> Vec<serde_json::Value> {
+    include_str!("../vectors/cases.jsonl")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("vector line"))
+        .collect()
+}
