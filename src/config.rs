@@ -378,17 +378,8 @@ impl Settings {
         if let Some(file) = &sources.file {
             builder = builder.add_source(config::File::from(file.as_path()).required(true));
         }
-        let mut env = config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("_")
-            .separator("__")
-            .list_separator(",")
-            .source(sources.env.clone());
-        for key in ENV_LIST_KEYS {
-            env = env.with_list_parse_key(key);
-        }
-        // BRIDGE_ENV selects a file; it is not a setting.
-        let env_source = env_without_bridge_env(env, sources);
-        let mut settings: Settings = builder.add_source(env_source).build()?.try_deserialize()?;
+        builder = env_overrides(builder, sources)?;
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
         settings.load_tokens_file()?;
         settings.check()?;
         Ok(settings)
@@ -569,15 +560,35 @@ impl Settings {
     }
 }
 
-/// `BRIDGE_ENV` shares the prefix but is not a key; leave it out of the overrides.
-fn env_without_bridge_env(env: config::Environment, sources: &Sources) -> config::Environment {
-    let vars: std::collections::HashMap<String, String> = match &sources.env {
-        Some(map) => map.clone(),
+/// Applies `BRIDGE_<SECTION>__<KEY>` variables as overrides. Lists are comma
+/// separated; an empty value is an empty list. Values stay strings here and
+/// are converted (and checked) with the key's type on deserialization.
+fn env_overrides(
+    mut builder: config::ConfigBuilder<config::builder::DefaultState>,
+    sources: &Sources,
+) -> Result<config::ConfigBuilder<config::builder::DefaultState>, ConfigError> {
+    let vars: Vec<(String, String)> = match &sources.env {
+        Some(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         None => std::env::vars().collect(),
     };
-    env.source(Some(
-        vars.into_iter()
-            .filter(|(k, _)| k != "BRIDGE_ENV")
-            .collect(),
-    ))
+    let prefix = format!("{ENV_PREFIX}_");
+    for (name, value) in vars {
+        // BRIDGE_ENV shares the prefix but selects a file; it is not a key.
+        let Some(rest) = name.strip_prefix(&prefix).filter(|_| name != "BRIDGE_ENV") else {
+            continue;
+        };
+        let key = rest.to_lowercase().replace("__", ".");
+        builder = if ENV_LIST_KEYS.contains(&key.as_str()) {
+            let list: Vec<String> = value
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(String::from)
+                .collect();
+            builder.set_override(key, list)?
+        } else {
+            builder.set_override(key, value)?
+        };
+    }
+    Ok(builder)
 }

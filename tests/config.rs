@@ -1,0 +1,207 @@
+//! Configuration layering and refusal of bad settings, and the CLI around them.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use cellosign_bridge::config::{AckMode, ConfigError, Settings, Sources};
+
+fn load(
+    dir: Option<&Path>,
+    environment: Option<&str>,
+    file: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Result<Settings, ConfigError> {
+    Settings::load(&Sources {
+        config_dir: dir.map(Path::to_path_buf),
+        environment: environment.map(String::from),
+        file: file.map(Path::to_path_buf),
+        env: Some(
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>(),
+        ),
+    })
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn shipped_default_toml_matches_the_built_in_defaults() {
+    let shipped = load(Some(Path::new("config")), None, None, &[]).unwrap();
+    let builtin = load(None, None, None, &[]).unwrap();
+    assert_eq!(shipped.redacted_toml(), builtin.redacted_toml());
+}
+
+#[test]
+fn layers_apply_in_order_and_environment_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "default.toml",
+        "[http]\npath = \"/a\"\nmax_in_flight = 10\n[amqp]\nexchange = \"from-default\"\n",
+    );
+    write(dir.path(), "staging.toml", "[http]\npath = \"/b\"\n");
+    let extra = write(dir.path(), "extra.toml", "[http]\nmax_in_flight = 20\n");
+    let s = load(
+        Some(dir.path()),
+        Some("staging"),
+        Some(&extra),
+        &[
+            ("BRIDGE_AMQP__URLS", "amqp://a:5672/%2f,amqp://b:5672/%2f"),
+            ("BRIDGE_DELIVERY__ACK", "confirmed"),
+            ("BRIDGE_HTTP__MAX_BODY_BYTES", "1000"),
+            ("BRIDGE_ENV", "staging"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(s.http.path, "/b");
+    assert_eq!(s.http.max_in_flight, 20);
+    assert_eq!(s.amqp.exchange, "from-default");
+    assert_eq!(s.amqp.urls, ["amqp://a:5672/%2f", "amqp://b:5672/%2f"]);
+    assert_eq!(s.delivery.ack, AckMode::Confirmed);
+    assert_eq!(s.http.max_body_bytes, 1000);
+}
+
+#[test]
+fn unknown_keys_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "bad.toml", "[amqp]\nexchnage = \"typo\"\n");
+    let err = load(None, None, Some(&file), &[]).unwrap_err().to_string();
+    assert!(err.contains("exchnage"), "{err}");
+    let err = load(None, None, None, &[("BRIDGE_HTTP__LISTENN", "x")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("listenn"), "{err}");
+    let file = write(dir.path(), "bad2.toml", "[nosuchsection]\na = 1\n");
+    let err = load(None, None, Some(&file), &[]).unwrap_err().to_string();
+    assert!(err.contains("nosuchsection"), "{err}");
+}
+
+#[test]
+fn bad_values_are_refused_naming_the_key() {
+    for (key, value, named) in [
+        ("BRIDGE_HTTP__LISTEN", "not-an-address", "listen"),
+        ("BRIDGE_DELIVERY__ACK", "sometimes", "ack"),
+        (
+            "BRIDGE_AMQP__ROUTING_KEY",
+            "{session.nope}",
+            "amqp.routing_key",
+        ),
+        ("BRIDGE_AMQP__URLS", "http://nope", "amqp.urls"),
+        ("BRIDGE_HTTP__PATH", "no-slash", "http.path"),
+        ("BRIDGE_AUTH__ALLOW_FROM", "10.0.0.0/99", "allow_from"),
+        ("BRIDGE_AMQP__MAX_UNCONFIRMED", "0", "amqp.max_unconfirmed"),
+        ("BRIDGE_EVENTS__ACCEPT", "", "events.accept"),
+        ("BRIDGE_LOG__FORMAT", "xml", "format"),
+        ("BRIDGE_SPOOL__MAX_BYTES", "-5", "max_bytes"),
+    ] {
+        let err = load(None, None, None, &[(key, value)])
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(named), "{key}={value}: {err}");
+    }
+    let err = load(None, None, Some(Path::new("/nonexistent/bridge.toml")), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/nonexistent/bridge.toml"), "{err}");
+}
+
+#[test]
+fn tokens_come_from_config_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(
+        dir.path(),
+        "tokens",
+        "# rotated 2026-11\nfrom-file-1\n\n  from-file-2  \n",
+    );
+    let s = load(
+        None,
+        None,
+        None,
+        &[
+            ("BRIDGE_AUTH__TOKENS", "env-a,env-b"),
+            ("BRIDGE_AUTH__TOKENS_FILE", tokens.to_str().unwrap()),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        s.auth.tokens,
+        ["env-a", "env-b", "from-file-1", "from-file-2"]
+    );
+    let err = load(
+        None,
+        None,
+        None,
+        &[("BRIDGE_AUTH__TOKENS_FILE", "/nonexistent/tokens")],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("auth.tokens_file"), "{err}");
+}
+
+fn bridge(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"));
+    cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run the binary")
+}
+
+#[test]
+fn check_config_redacts_secrets() {
+    let out = bridge(
+        &["check-config"],
+        &[
+            ("BRIDGE_AUTH__TOKENS", "super-secret-token"),
+            ("BRIDGE_AMQP__URLS", "amqp://user:hunter2@broker:5672/%2f"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("super-secret-token") && !text.contains("hunter2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("<redacted>") && text.contains("amqp://user:<redacted>@broker:5672/%2f"),
+        "{text}"
+    );
+    // What it prints is a config file the bridge accepts.
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "effective.toml", &text);
+    assert!(load(None, None, Some(&file), &[]).is_ok());
+}
+
+#[test]
+fn a_bad_config_stops_the_start_naming_the_key() {
+    let out = bridge(&["serve"], &[("BRIDGE_AMQP__PUBLISH_TIMEOUT_MS", "0")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("amqp.publish_timeout_ms"), "{err}");
+    // --config is accepted after the subcommand too.
+    let out = bridge(&["check-config", "--config", "/nonexistent.toml"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml"));
+}
+
+#[test]
+fn version_and_help() {
+    let out = bridge(&["--version"], &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = bridge(&["--help"], &[]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["serve", "check-config", "tail", "spool"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+}
