@@ -6,6 +6,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::{debug, warn};
 
 /// Handles one request from a known peer.
@@ -38,10 +43,35 @@ pub struct ServerLimits {
     pub drain_deadline: Duration,
 }
 
+/// Loads the PEM certificate chain and key for the public listener.
+pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsError> {
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Pem("http.tls.cert_file", e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| TlsError::Pem("http.tls.key_file", e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(TlsError::Config)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{0}: {1}")]
+    Pem(&'static str, String),
+    #[error("http.tls: {0}")]
+    Config(rustls::Error),
+}
+
 /// Accepts connections on `listener` until `shutdown` resolves, then stops
 /// accepting, lets requests in flight finish (up to the drain deadline) and returns.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     handler: Arc<H>,
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
@@ -73,10 +103,23 @@ pub async fn serve<H: Handler>(
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler.handle(req, peer).await) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let result = match tls {
+                        None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                        Some(tls) => {
+                            // The handshake counts against the header timeout: a silent client cannot hold it.
+                            let stream = match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream)).await {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                                Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                            };
+                            watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                        }
+                    };
+                    if let Err(e) = result {
                         debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -23,7 +24,7 @@ use crate::forwarder::Forwarder;
 use crate::ingress::{Ingress, IngressLimits};
 use crate::metrics::Metrics;
 use crate::publish::DirectPublisher;
-use crate::server::{ServerLimits, serve};
+use crate::server::{ServerLimits, TlsError, serve, tls_acceptor};
 use crate::spool::{Spool, SpoolError};
 
 /// Why the application could not start.
@@ -37,6 +38,8 @@ pub enum StartError {
     },
     #[error("spool.dir: cannot open the spool: {0}")]
     Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("amqp.routing_key: {0}")]
     RoutingKey(#[from] crate::event::TemplateError),
 }
@@ -45,6 +48,7 @@ pub enum StartError {
 pub struct Application {
     settings: Settings,
     http: TcpListener,
+    tls: Option<TlsAcceptor>,
     admin: TcpListener,
     ingress: Arc<Ingress>,
     admin_handler: Arc<Admin>,
@@ -63,6 +67,10 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
 impl Application {
     /// Binds both listeners, opens the spool, starts the broker link and forwarder.
     pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        let tls = match &settings.http.tls {
+            Some(tls) => Some(tls_acceptor(&tls.cert_file, &tls.key_file)?),
+            None => None,
+        };
         let http = bind("http.listen", settings.http.listen).await?;
         let admin = bind("admin.listen", settings.admin.listen).await?;
         let metrics = Arc::new(Metrics::new());
@@ -137,6 +145,7 @@ impl Application {
         Ok(Application {
             settings,
             http,
+            tls,
             admin,
             ingress,
             admin_handler,
@@ -173,12 +182,14 @@ impl Application {
         let admin_stop = CancellationToken::new();
         let public = tokio::spawn(serve(
             self.http,
+            self.tls,
             self.ingress,
             limits,
             public_stop.clone().cancelled_owned(),
         ));
         let admin = tokio::spawn(serve(
             self.admin,
+            None,
             self.admin_handler,
             limits,
             admin_stop.clone().cancelled_owned(),
