@@ -10,7 +10,7 @@ use lapin::types::AMQPValue;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn header<'a>(d: &'a lapin::message::Delivery, key: &str) -> Option<String> {
+fn header(d: &lapin::message::Delivery, key: &str) -> Option<String> {
     d.properties
         .headers()
         .as_ref()
