@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -32,6 +33,8 @@ pub struct SpoolStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct Readiness {
     pub ready: bool,
+    /// Shutdown started: the public listener no longer accepts.
+    pub draining: bool,
     pub mode: AckMode,
     pub broker: LinkStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -44,6 +47,7 @@ pub struct Admin {
     link: Link,
     spool: Option<(Spool, u64)>,
     metrics: Arc<Metrics>,
+    draining: AtomicBool,
 }
 
 impl Admin {
@@ -59,7 +63,13 @@ impl Admin {
             link,
             spool,
             metrics,
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the bridge as shutting down, so load balancers stop sending to it.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Whether an event posted now would be accepted, and why (not).
@@ -84,8 +94,10 @@ impl Admin {
             (AckMode::Spooled, None) => false,
             (AckMode::Confirmed, _) => broker.connected && !broker.blocked,
         };
+        let draining = self.draining.load(Ordering::Relaxed);
         Readiness {
-            ready,
+            ready: ready && !draining,
+            draining,
             mode: self.mode,
             broker,
             spool,

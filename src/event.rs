@@ -1030,6 +1030,16 @@ impl<'de> ObjectHandler<'de> for RecipientHandler<'_, '_> {
                 Key::Known(_) if ctx.failed() => {
                     map.next_value::<IgnoredAny>()?;
                 }
+                // The name can feed the routing key: a repeat must not let a
+                // consumer read another value than the one routed by.
+                Key::Known(0) if has_id => {
+                    ctx.flag("session.recipient", Problem::DuplicateKey(Some("id")));
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Key::Known(_) if name.is_some() => {
+                    ctx.flag("session.recipient", Problem::DuplicateKey(Some("name")));
+                    map.next_value::<IgnoredAny>()?;
+                }
                 Key::Known(0) => {
                     has_id = true;
                     if !matches!(
@@ -1679,12 +1689,29 @@ mod tests {
     #[test]
     fn duplicate_keys_deeper_allowed() {
         let session = format!(
-            r#"{SE},"labels":{{"A":"1","A":"2"}},"recipient":{{"id":1,"name":"x","name":"y","o":1,"o":2}},"extra":{{"z":1,"z":2}}"#
+            r#"{SE},"labels":{{"A":"1","A":"2"}},"recipient":{{"id":1,"name":"x","o":1,"o":2}},"extra":{{"z":1,"z":2}}"#
         );
         let body = raw(EV, &session, r#","client":{"ip":"a","ip":"b"}"#);
         let e = ok(&body);
-        // The last duplicate wins, as in common JSON parsers.
-        assert_eq!(e.recipient_name.as_deref(), Some("y"));
+        assert_eq!(e.recipient_name.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn duplicate_recipient_name_rejected() {
+        // The name can be routed by, so it gets the same protection as `session`.
+        for recipient in [
+            r#"{"id":1,"name":"x","name":"y"}"#,
+            r#"{"id":1,"id":2,"name":"x"}"#,
+        ] {
+            let session = format!(r#"{SE},"recipient":{recipient}"#);
+            let r = rejected(&raw(EV, &session, ""));
+            assert_eq!(r.metric_reason(), "duplicate_key", "{recipient}");
+            assert!(
+                r.reason().starts_with("session.recipient: duplicate key"),
+                "{}",
+                r.reason()
+            );
+        }
     }
 
     // --- labels ----------------------------------------------------------

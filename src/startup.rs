@@ -187,6 +187,7 @@ impl Application {
             limits,
             public_stop.clone().cancelled_owned(),
         ));
+        let admin_handler = self.admin_handler.clone();
         let admin = tokio::spawn(serve(
             self.admin,
             None,
@@ -203,6 +204,7 @@ impl Application {
         );
 
         shutdown.await;
+        admin_handler.set_draining();
         let deadline = Instant::now() + grace;
         info!(
             grace_ms = self.settings.shutdown.grace_ms,
