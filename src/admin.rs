@@ -25,8 +25,8 @@ pub struct SpoolStatus {
     pub max_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oldest_age_s: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
+    /// The last write failed; the spool reopens its file before the next one.
+    pub degraded: bool,
 }
 
 /// The `/readyz` body.
@@ -82,14 +82,14 @@ impl Admin {
                 bytes: stats.bytes,
                 max_bytes: *max_bytes,
                 oldest_age_s: stats.oldest_age.map(|a| a.as_secs_f64()),
-                last_error: stats.last_error,
+                degraded: stats.degraded,
             }
         });
         let ready = match (&self.mode, &spool) {
             // Spooled: accepting needs a healthy spool with room; the broker may be away,
             // but not misconfigured, since then nothing spooled could ever leave.
             (AckMode::Spooled, Some(s)) => {
-                s.last_error.is_none() && s.bytes < s.max_bytes && !broker.misconfigured
+                !s.degraded && s.bytes < s.max_bytes && !broker.misconfigured
             }
             (AckMode::Spooled, None) => false,
             (AckMode::Confirmed, _) => broker.connected && !broker.blocked,

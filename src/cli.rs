@@ -72,7 +72,7 @@ pub async fn spool_stats(settings: &crate::config::Settings) -> Result<String, C
             });
             Ok(serde_json::to_string_pretty(&out).unwrap_or_default())
         }
-        Err(SpoolError::Locked) => {
+        Err(SpoolError::Locked(_)) => {
             let addr = settings.admin.listen;
             let body = admin_get(addr, "/readyz")
                 .await

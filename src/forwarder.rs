@@ -189,18 +189,20 @@ async fn pass_inner(
     failures: &mut u32,
 ) -> Result<std::convert::Infallible, PassError> {
     let mut cursor: Option<u64> = None;
+    // A spool reopen after a disk error can bring back removed records below the
+    // cursor; a new pass from the oldest picks them up.
+    let reopens = spool.stats().reopens;
     let mut in_flight: VecDeque<(u64, Instant, PublisherConfirm)> =
         VecDeque::with_capacity(target.window);
     let mut delivered = Vec::with_capacity(target.window);
     loop {
         // Fill the window with the next events in order.
         if in_flight.len() < target.window {
-            let appended = spool.appended();
             let batch = spool
                 .read_after(cursor, target.window - in_flight.len())
                 .await?;
             if batch.is_empty() && in_flight.is_empty() {
-                appended.await;
+                spool.wait_for_new(cursor).await?;
                 continue;
             }
             for (seq, record) in batch {
@@ -249,6 +251,9 @@ async fn pass_inner(
                 *failures = 0;
             }
             spool.remove(std::mem::take(&mut delivered)).await?;
+        }
+        if spool.stats().reopens != reopens {
+            return Err(PassError::Spool(SpoolError::Closed));
         }
     }
 }

@@ -222,7 +222,9 @@ impl Application {
             if left > 0 {
                 info!(events = left, "events kept in the spool for the next start");
             }
-            spool.close().await;
+            if let Err(e) = spool.shutdown().await {
+                warn!(error = %e, "closing the spool");
+            }
         }
         admin_stop.cancel();
         let _ = admin.await;
