@@ -27,6 +27,8 @@ pub struct SpoolStatus {
     pub oldest_age_s: Option<f64>,
     /// The last write failed; the spool reopens its file before the next one.
     pub degraded: bool,
+    /// An event as large as the last one refused as full would fit now.
+    pub has_room: bool,
 }
 
 /// The `/readyz` body.
@@ -83,14 +85,13 @@ impl Admin {
                 max_bytes: *max_bytes,
                 oldest_age_s: stats.oldest_age.map(|a| a.as_secs_f64()),
                 degraded: stats.degraded,
+                has_room: stats.has_room,
             }
         });
         let ready = match (&self.mode, &spool) {
             // Spooled: accepting needs a healthy spool with room; the broker may be away,
             // but not misconfigured, since then nothing spooled could ever leave.
-            (AckMode::Spooled, Some(s)) => {
-                !s.degraded && s.bytes < s.max_bytes && !broker.misconfigured
-            }
+            (AckMode::Spooled, Some(s)) => !s.degraded && s.has_room && !broker.misconfigured,
             (AckMode::Spooled, None) => false,
             (AckMode::Confirmed, _) => broker.connected && !broker.blocked,
         };

@@ -203,6 +203,9 @@ pub struct SpoolStats {
     /// Reopens after storage errors since open. Removals not yet durable may be undone by one,
     /// so a forwarder that keeps a read cursor should restart it from `None` when this changes.
     pub reopens: u64,
+    /// Whether a record as large as the last one refused as full (or of one byte, if none
+    /// was) would fit now: what readiness reports.
+    pub has_room: bool,
 }
 
 /// Handle to an open spool. Cheap to clone (an `Arc`), `Send + Sync`. The writer thread ends,
@@ -251,6 +254,8 @@ struct Shared {
     bytes: AtomicU64,
     // bytes + bytes of appends accepted but not yet committed: what max_bytes is checked against.
     reserved: AtomicU64,
+    // Length of the last record refused as Full, 0 once an append fits again.
+    refused_len: AtomicU64,
     // NO_RECORD when empty.
     oldest_ms: AtomicU64,
     commits: AtomicU64,
@@ -335,6 +340,7 @@ impl Spool {
             events: AtomicU64::new(scan.events),
             bytes: AtomicU64::new(scan.bytes),
             reserved: AtomicU64::new(scan.bytes),
+            refused_len: AtomicU64::new(0),
             oldest_ms: AtomicU64::new(scan.oldest_ms.unwrap_or(NO_RECORD)),
             commits: AtomicU64::new(0),
             durable_commits: AtomicU64::new(0),
@@ -419,6 +425,7 @@ impl Spool {
         loop {
             let new = used.saturating_add(len);
             if new > shared.max_bytes {
+                shared.refused_len.store(len, Ordering::Release);
                 return Err(SpoolError::Full {
                     len,
                     used,
@@ -431,7 +438,10 @@ impl Spool {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => break,
+                Ok(_) => {
+                    shared.refused_len.store(0, Ordering::Release);
+                    break;
+                }
                 Err(actual) => used = actual,
             }
         }
@@ -569,6 +579,11 @@ impl Spool {
             durable_commits: s.durable_commits.load(Ordering::Acquire),
             degraded: s.degraded.load(Ordering::Acquire),
             reopens: s.reopens.load(Ordering::Acquire),
+            has_room: s
+                .reserved
+                .load(Ordering::Acquire)
+                .saturating_add(s.refused_len.load(Ordering::Acquire).max(1))
+                <= s.max_bytes,
         }
     }
 
@@ -1211,9 +1226,14 @@ mod tests {
         // oldest_age moves with the clock; everything else must be unchanged.
         let after = SpoolStats {
             oldest_age: before.oldest_age,
+            has_room: before.has_room,
             ..spool.stats()
         };
         assert_eq!(after, before);
+        assert!(
+            before.has_room && !spool.stats().has_room,
+            "readiness sees the refusal"
+        );
         assert_eq!(read_all(&spool).len(), 5);
         spool.remove(vec![1]).await.unwrap();
         assert_eq!(spool.append(payload("fits", 600)).await.unwrap(), 6);

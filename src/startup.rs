@@ -178,6 +178,8 @@ impl Application {
             header_read_timeout,
             drain_deadline: grace,
         };
+        // Actual addresses: with port 0 in the settings, tests learn the ports from this line.
+        let (http_addr, admin_addr) = (self.http_addr(), self.admin_addr());
         let public_stop = CancellationToken::new();
         let admin_stop = CancellationToken::new();
         let public = tokio::spawn(serve(
@@ -196,9 +198,9 @@ impl Application {
             admin_stop.clone().cancelled_owned(),
         ));
         info!(
-            http = %self.settings.http.listen,
+            http = %http_addr,
             path = %self.settings.http.path,
-            admin = %self.settings.admin.listen,
+            admin = %admin_addr,
             mode = ?self.settings.delivery.ack,
             "cellosign-bridge serving"
         );

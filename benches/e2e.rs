@@ -1,0 +1,280 @@
+//! End-to-end numbers for the spooled path (run: `cargo bench --bench e2e`).
+//!
+//! 1. Answer latency and accepted/s: 64 concurrent keep-alive connections post
+//!    events with varied references to the real bridge (spooled mode, real
+//!    RabbitMQ), paced at 2 000 req/s in total, then unpaced.
+//! 2. Drain: a spool of 100 000 events forwarded to the broker, against a plain
+//!    lapin publish-with-confirms loop (same window, same messages) in the same run.
+//!
+//! Needs RabbitMQ at `AMQP_ADDR` (default the local one). Declares a unique
+//! exchange and deletes it afterwards. Knobs: `BENCH_SECS` (default 10),
+//! `BENCH_DRAIN_EVENTS` (default 100000).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cellosign_bridge::broker::Link;
+use cellosign_bridge::config::{AckMode, Settings, Sources};
+use cellosign_bridge::envelope::Envelope;
+use cellosign_bridge::forwarder::Forwarder;
+use cellosign_bridge::metrics::Metrics;
+use cellosign_bridge::publish::{confirm_channel, send};
+use cellosign_bridge::spool::Spool;
+use cellosign_bridge::startup::Application;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions};
+use lapin::{Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
+
+const CONNECTIONS: usize = 64;
+const PACED_RATE: f64 = 2000.0;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn body(n: u64) -> String {
+    format!(
+        r#"{{"event":{{"type":"WHEF_CLIENT_FORM_SUBMITTED","timestamp":"2025-01-26T08:49:33.{:06}"}},"session":{{"id":"s{n}","reference":"ref-{}","process_id":"7932390e-ee95-4888-ba64-9c7e6f2f5908","process_number":51,"transaction_number":{n},"recipient":{{"id":1,"name":"client"}},"labels":{{"CUSTOMER_TAG":"CUSTOMER_VALUE","REGION":"north"}}}},"client":{{"ip":"203.0.113.7","user_agent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36"}}}}"#,
+        n % 1_000_000,
+        n % 997
+    )
+}
+
+fn settings(exchange: &str, spool: &std::path::Path) -> Settings {
+    let mut s = Settings::load(&Sources {
+        env: Some(Default::default()),
+        ..Sources::default()
+    })
+    .expect("defaults");
+    s.http.listen = "127.0.0.1:0".parse().expect("addr");
+    s.admin.listen = "127.0.0.1:0".parse().expect("addr");
+    s.delivery.ack = AckMode::Spooled;
+    s.spool.dir = spool.to_path_buf();
+    s.amqp.urls = vec![amqp_url()];
+    s.amqp.exchange = exchange.to_string();
+    s.amqp.queues = Vec::new();
+    s.events.dedup_window_s = 0;
+    s.log.level = "warn".into();
+    s
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// Posts for `secs` from 64 connections; `rate` None = as fast as they can.
+async fn load(url: &str, secs: u64, rate: Option<f64>, offset: u64) -> (Vec<Duration>, usize, f64) {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for c in 0..CONNECTIONS {
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .no_proxy()
+                .build()
+                .expect("client");
+            let mut latencies = Vec::new();
+            let mut failures = 0usize;
+            let mut tick = rate.map(|r| {
+                let mut i = tokio::time::interval(Duration::from_secs_f64(CONNECTIONS as f64 / r));
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                i
+            });
+            let mut n = offset + c as u64 * 10_000_000;
+            while Instant::now() < deadline {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                n += 1;
+                let t0 = Instant::now();
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body(n))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.bytes().await;
+                        latencies.push(t0.elapsed());
+                    }
+                    _ => failures += 1,
+                }
+            }
+            (latencies, failures)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut failures = 0;
+    for t in tasks {
+        let (l, f) = t.await.expect("task");
+        all.extend(l);
+        failures += f;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    (all, failures, elapsed)
+}
+
+fn report(name: &str, (latencies, failures, elapsed): &(Vec<Duration>, usize, f64)) {
+    println!(
+        "{name}: {} accepted in {elapsed:.1}s = {:.0}/s, {failures} not accepted; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        latencies.len(),
+        latencies.len() as f64 / elapsed,
+        percentile(latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+}
+
+async fn answer_latency(exchange: &str) {
+    let spool = tempfile::tempdir().expect("tempdir");
+    let app = Application::build(settings(exchange, spool.path()))
+        .await
+        .expect("app");
+    let url = format!("http://{}/webhooks/cellosign", app.http_addr());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
+    let secs = env_or("BENCH_SECS", 10u64);
+    // Warm up connections and the broker link.
+    load(&url, 1, Some(PACED_RATE), 0).await;
+    report(
+        &format!("spooled, {CONNECTIONS} connections, paced {PACED_RATE}/s"),
+        &load(&url, secs, Some(PACED_RATE), 1).await,
+    );
+    report(
+        &format!("spooled, {CONNECTIONS} connections, unpaced"),
+        &load(&url, secs, None, 2).await,
+    );
+    stop.cancel();
+    let _ = running.await;
+}
+
+fn envelope(n: u64) -> Envelope {
+    Envelope {
+        routing_key: format!("ref-{}", n % 997),
+        message_id: format!(
+            "s{n}:WHEF_CLIENT_FORM_SUBMITTED:2025-01-26T08:49:33.{:06}",
+            n % 1_000_000
+        ),
+        event_type: "WHEF_CLIENT_FORM_SUBMITTED".into(),
+        session_id: format!("s{n}"),
+        reference: format!("ref-{}", n % 997),
+        received_at_ms: 1_737_881_373_626,
+        body: Bytes::from(body(n)),
+    }
+}
+
+/// Publishes `events` with confirms and a window of `window`, as simply as lapin allows.
+async fn plain_lapin(connection: &Connection, exchange: &str, events: u64, window: usize) -> f64 {
+    let channel = confirm_channel(connection).await.expect("channel");
+    let started = Instant::now();
+    let mut pending = VecDeque::with_capacity(window);
+    for n in 0..events {
+        if pending.len() == window {
+            let confirm: lapin::PublisherConfirm = pending.pop_front().expect("pending");
+            assert!(confirm.await.expect("confirm").is_ack());
+        }
+        pending.push_back(
+            send(&channel, exchange, &envelope(n))
+                .await
+                .expect("publish"),
+        );
+    }
+    for confirm in pending {
+        assert!(confirm.await.expect("confirm").is_ack());
+    }
+    started.elapsed().as_secs_f64()
+}
+
+async fn drain(exchange: &str) {
+    let events = env_or("BENCH_DRAIN_EVENTS", 100_000u64);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = settings(exchange, dir.path());
+    let spool = Spool::open(dir.path(), u64::MAX).expect("spool");
+    let fill = Instant::now();
+    let mut batch = Vec::new();
+    for n in 0..events {
+        let spool = spool.clone();
+        batch.push(tokio::spawn(async move {
+            spool.append(envelope(n).encode()).await
+        }));
+        if batch.len() == 512 {
+            for t in batch.drain(..) {
+                t.await.expect("task").expect("append");
+            }
+        }
+    }
+    for t in batch.drain(..) {
+        t.await.expect("task").expect("append");
+    }
+    println!(
+        "filled a spool with {events} events in {:.1}s",
+        fill.elapsed().as_secs_f64()
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    let stop = CancellationToken::new();
+    let (link, link_task) = Link::start(
+        s.amqp.clone(),
+        metrics.clone(),
+        stop.clone().cancelled_owned(),
+    );
+    let connection = link.connected().await;
+    let started = Instant::now();
+    let forwarder = Forwarder::start(spool.clone(), link.clone(), &s.amqp, metrics);
+    while spool.stats().events > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let bridge = started.elapsed().as_secs_f64();
+    forwarder.drain_until(tokio::time::Instant::now()).await;
+    let plain = plain_lapin(&connection, exchange, events, s.amqp.max_unconfirmed).await;
+    println!(
+        "drain of {events} events: forwarder {bridge:.2}s = {:.0}/s; plain lapin loop {plain:.2}s = {:.0}/s; ratio {:.0}%",
+        events as f64 / bridge,
+        events as f64 / plain,
+        100.0 * plain / bridge
+    );
+    stop.cancel();
+    let _ = link_task.await;
+    let _ = spool.shutdown().await;
+}
+
+#[tokio::main]
+async fn main() {
+    let exchange = format!("bench.e2e.{}", std::process::id());
+    answer_latency(&exchange).await;
+    drain(&exchange).await;
+    // Remove what the bench declared (the unrouted queue holds every message).
+    if let Ok(c) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+        && let Ok(ch) = c.create_channel().await
+    {
+        let unrouted = format!("{exchange}.unrouted");
+        let _ = ch
+            .queue_purge(unrouted.as_str().into(), QueuePurgeOptions::default())
+            .await;
+        let _ = ch
+            .queue_delete(unrouted.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = ch
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+        let _ = ch
+            .exchange_delete(unrouted.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}

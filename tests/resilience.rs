@@ -1,0 +1,481 @@
+//! No event answered "0" is lost: broker outages, network cuts, a full spool,
+//! crashes (kill -9) and SIGTERM, with real brokers and real processes.
+
+mod common;
+mod support;
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cellosign_bridge::config::{AckMode, QueueKind, QueueSettings};
+use common::*;
+use support::rabbit_node::RabbitNode;
+use support::tcp_proxy::{CutMode, TcpProxy};
+
+const DRAIN_WAIT: Duration = Duration::from_secs(90);
+
+fn message_id(session_id: &str, n: u64) -> String {
+    format!("{session_id}:WHEF_SESSION_CREATED:2025-01-26T08:49:33.{n:06}")
+}
+
+/// Consumes `queue` until every id in `expected` was seen (duplicates allowed).
+/// Reconnects on errors: a restarted node may refuse consumers until its quorum
+/// queues have a leader again.
+async fn assert_all_arrive(url: &str, queue: &str, expected: &BTreeSet<String>) {
+    use futures_util::StreamExt;
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
+    let missing = |seen: &HashSet<String>| {
+        expected
+            .iter()
+            .filter(|id| !seen.contains(*id))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    'connect: while !missing(&seen).is_empty() && tokio::time::Instant::now() < deadline {
+        let Ok(Ok(connection)) = tokio::time::timeout(
+            Duration::from_secs(5),
+            lapin::Connection::connect(url, Default::default()),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let consumer = async {
+            let channel = connection.create_channel().await?;
+            channel
+                .basic_consume(
+                    queue.into(),
+                    "".into(),
+                    Default::default(),
+                    Default::default(),
+                )
+                .await
+        };
+        let Ok(mut consumer) = consumer.await else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        while !missing(&seen).is_empty() {
+            match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    if let Some(id) = d.properties.message_id() {
+                        seen.insert(id.to_string());
+                    }
+                    let _ = d.ack(lapin::options::BasicAckOptions::default()).await;
+                }
+                Ok(_) => continue 'connect,
+                Err(_) => break 'connect,
+            }
+        }
+    }
+    let missing = missing(&seen);
+    assert!(
+        missing.is_empty(),
+        "{} of {} accepted events never arrived, e.g. {:?}",
+        missing.len(),
+        expected.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+fn durable_queue(name: &str) -> QueueSettings {
+    QueueSettings {
+        name: name.to_string(),
+        kind: QueueKind::Quorum,
+        bindings: vec!["#".into()],
+    }
+}
+
+async fn wait_ready(app: &TestApp, connected: bool) {
+    for _ in 0..600 {
+        let (code, body) = app.admin_get("/readyz").await;
+        if code == 200 && (!connected || body.contains("\"connected\":true")) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "bridge never became ready: {:?}",
+        app.admin_get("/readyz").await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_loses_nothing() {
+    let mut node = RabbitNode::start().await.expect("private RabbitMQ node");
+    let queue = unique("outage");
+    let app = spawn_app(AckMode::Spooled, |s| {
+        s.amqp.urls = vec![node.amqp_url()];
+        s.amqp.queues = vec![durable_queue(&queue)];
+        s.amqp.reconnect_initial_ms = 100;
+        s.amqp.reconnect_max_ms = 1000;
+    })
+    .await;
+    wait_ready(&app, true).await;
+    let mut accepted = BTreeSet::new();
+    for n in 0..50 {
+        assert_eq!(
+            app.post_json(&event_body("WHEF_SESSION_CREATED", "before", "r1", n))
+                .await
+                .code,
+            200
+        );
+        accepted.insert(message_id("before", n));
+    }
+    node.kill().expect("kill the private node");
+    for n in 0..500 {
+        let a = app
+            .post_json(&event_body(
+                "WHEF_SESSION_CREATED",
+                "during",
+                &format!("r{}", n % 7),
+                n,
+            ))
+            .await;
+        assert_eq!(a.code, 200, "{a:?}");
+        accepted.insert(message_id("during", n));
+    }
+    let (_, body) = app.admin_get("/readyz").await;
+    assert!(body.contains("\"connected\":false"), "{body}");
+    node.restart().await.expect("node restarts");
+    assert_all_arrive(&node.amqp_url(), &queue, &accepted).await;
+    // Forwarded events leave the spool.
+    for _ in 0..200 {
+        let (_, body) = app.admin_get("/readyz").await;
+        if body.contains("\"events\":0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, body) = app.admin_get("/readyz").await;
+    assert!(body.contains("\"events\":0"), "{body}");
+    let (_, metrics) = app.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("cellosign_bridge_broker_reconnects_total 1"),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_answers_503_and_recovers_after_a_network_cut() {
+    let queue = unique("full");
+    let proxy = TcpProxy::to_port(5672).await.expect("proxy");
+    let app = spawn_app(AckMode::Spooled, |s| {
+        s.amqp.urls = vec![proxy.amqp_url()];
+        s.amqp.queues = vec![durable_queue(&queue)];
+        s.amqp.reconnect_initial_ms = 100;
+        s.amqp.reconnect_max_ms = 500;
+        s.spool.max_bytes = 20_000;
+    })
+    .await;
+    wait_ready(&app, true).await;
+    let exchange = app.settings.amqp.exchange.clone();
+    proxy.cut(CutMode::Refuse).await;
+    let mut accepted = BTreeSet::new();
+    let mut refused = 0;
+    for n in 0..200 {
+        let a = app
+            .post_json(&event_body("WHEF_SESSION_CREATED", "full", "r1", n))
+            .await;
+        match a.code {
+            200 => {
+                accepted.insert(message_id("full", n));
+            }
+            503 => {
+                assert!(a.headers.contains_key("retry-after"), "{a:?}");
+                assert!(a.errordesc.contains("spool full"), "{a:?}");
+                refused += 1;
+            }
+            _ => panic!("{a:?}"),
+        }
+    }
+    assert!(
+        refused > 0 && !accepted.is_empty(),
+        "{} accepted, {refused} refused",
+        accepted.len()
+    );
+    let (code, body) = app.admin_get("/readyz").await;
+    assert_eq!(code, 503, "a full spool is not ready: {body}");
+    proxy.restore();
+    assert_all_arrive(&amqp_url(), &queue, &accepted).await;
+    // Room again: accepted without anyone intervening.
+    wait_ready(&app, true).await;
+    assert_eq!(
+        app.post_json(&event_body("WHEF_SESSION_CREATED", "after", "r1", 1))
+            .await
+            .code,
+        200
+    );
+    app.stop().await;
+    let broker = Broker::connect(&amqp_url()).await;
+    let _ = broker
+        .channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    broker.cleanup(&exchange).await;
+}
+
+/// The bridge as a child process of the test, so it can really be killed.
+struct BridgeProcess {
+    child: Child,
+    http: SocketAddr,
+    admin: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl BridgeProcess {
+    /// Starts `serve` on port-0 listeners; `env` adds or overrides settings.
+    fn start(spool: &Path, exchange: &str, token: &str, env: &[(&str, &str)]) -> BridgeProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"));
+        cmd.arg("serve")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
+            .env("BRIDGE_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("BRIDGE_SPOOL__DIR", spool)
+            .env("BRIDGE_AMQP__URLS", amqp_url())
+            .env("BRIDGE_AMQP__EXCHANGE", exchange)
+            .env("BRIDGE_AUTH__TOKENS", token)
+            .env("BRIDGE_LOG__FORMAT", "json")
+            .env("BRIDGE_LOG__LEVEL", "info")
+            .env("BRIDGE_SHUTDOWN__GRACE_MS", "5000")
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the bridge");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["message"] == "cellosign-bridge serving"
+                {
+                    let _ = tx.send((
+                        v["http"].as_str().map(String::from),
+                        v["admin"].as_str().map(String::from),
+                    ));
+                }
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let (http, admin) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("bridge starts");
+        BridgeProcess {
+            child,
+            http: http.unwrap().parse().unwrap(),
+            admin: admin.unwrap().parse().unwrap(),
+            log,
+        }
+    }
+
+    fn url(&self, token: &str) -> String {
+        format!("http://{}/webhooks/cellosign?token={token}", self.http)
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Posts distinct events from 8 senders until told to stop; returns the ids answered "0".
+fn senders(
+    url: String,
+    prefix: &'static str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<BTreeSet<String>> {
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for s in 0..8u64 {
+            let (url, stop) = (url.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let client = reqwest::Client::builder().no_proxy().build().unwrap();
+                let mut ok = BTreeSet::new();
+                let mut n = s * 1_000_000;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let session = format!("{prefix}{s}");
+                    let body =
+                        event_body("WHEF_SESSION_CREATED", &session, &format!("r{}", n % 5), n);
+                    let sent = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status() == 200 => {
+                            let v: serde_json::Value = r.json().await.unwrap_or_default();
+                            if v["status"] == "0" {
+                                ok.insert(message_id(&session, n));
+                            }
+                        }
+                        Ok(_) => {}
+                        // The bridge is gone: wait for the test to stop us.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+                ok
+            }));
+        }
+        let mut all = BTreeSet::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    })
+}
+
+async fn crash_or_stop(signal: &str) {
+    let spool = tempfile::tempdir().unwrap();
+    let exchange = unique("crash");
+    let queue = unique("crashq");
+    let token = "crash-test-token-42";
+    // The queue exists before the first bridge, so nothing is routed elsewhere.
+    let broker = Broker::connect(&amqp_url()).await;
+    broker.declare_exchange(&exchange).await;
+    broker.durable_queue(&exchange, &queue, "#").await;
+
+    let mut first = BridgeProcess::start(spool.path(), &exchange, token, &[]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sending = senders(first.url(token), "crash", stop.clone());
+    // Let them post a while, so the kill lands mid-stream.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = Command::new("kill")
+        .args([signal, &first.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        let exit = first.child.wait();
+        (exit, first)
+    });
+    let (exit, first) = exit.await.unwrap();
+    let exit = exit.unwrap();
+    if signal == "-TERM" {
+        assert!(
+            exit.success(),
+            "SIGTERM exits 0: {exit:?}\n{}",
+            first.log.lock().unwrap()
+        );
+    } else {
+        assert!(!exit.success());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let accepted = sending.await.unwrap();
+    assert!(
+        accepted.len() > 50,
+        "only {} accepted before the {signal}",
+        accepted.len()
+    );
+
+    // A new process on the same spool forwards what the first one kept.
+    let second = BridgeProcess::start(spool.path(), &exchange, token, &[]);
+    assert_all_arrive(&amqp_url(), &queue, &accepted).await;
+    for log in [&first.log, &second.log] {
+        let log = log.lock().unwrap();
+        assert!(!log.contains(token), "the token leaked into the logs");
+        assert!(
+            !log.contains("CUSTOMER_VALUE"),
+            "a label value leaked into the logs"
+        );
+    }
+    let _ = second.admin;
+    drop(second);
+    let _ = broker
+        .channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    broker.cleanup(&exchange).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_posting_loses_nothing() {
+    crash_or_stop("-KILL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_posting_exits_0_and_loses_nothing() {
+    crash_or_stop("-TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_stats_reads_the_file_or_asks_the_running_bridge() {
+    let spool = tempfile::tempdir().unwrap();
+    let exchange = unique("stats");
+    let stats = |admin: Option<SocketAddr>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"));
+        cmd.args(["spool", "stats"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("BRIDGE_SPOOL__DIR", spool.path());
+        if let Some(a) = admin {
+            cmd.env("BRIDGE_ADMIN__LISTEN", a.to_string());
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // No broker reachable: events stay in the spool.
+    let bridge = BridgeProcess::start(
+        spool.path(),
+        &exchange,
+        "t",
+        &[("BRIDGE_AMQP__URLS", "amqp://guest:guest@127.0.0.1:1/%2f")],
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    for n in 0..3 {
+        let r = client
+            .post(bridge.url("t"))
+            .body(event_body("WHEF_SESSION_CREATED", "st", "r", n))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let running = stats(Some(bridge.admin));
+    assert!(
+        running["source"].as_str().unwrap().contains("running"),
+        "{running}"
+    );
+    assert_eq!(running["spool"]["events"], 3, "{running}");
+    let mut bridge = bridge;
+    Command::new("kill")
+        .args(["-TERM", &bridge.child.id().to_string()])
+        .status()
+        .unwrap();
+    let exit = tokio::task::spawn_blocking(move || bridge.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success());
+    let stopped = stats(None);
+    assert!(
+        stopped["source"].as_str().unwrap().contains("not running"),
+        "{stopped}"
+    );
+    assert_eq!(stopped["events"], 3, "{stopped}");
+    assert!(
+        stopped["oldest_age_s"].as_f64().unwrap() >= 0.0,
+        "{stopped}"
+    );
+}

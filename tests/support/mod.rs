@@ -1,0 +1,5 @@
+//! Private brokers and network cuts for tests that must never touch the shared RabbitMQ.
+#![allow(dead_code)]
+
+pub mod rabbit_node;
+pub mod tcp_proxy;
