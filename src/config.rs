@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::RoutingKeyTemplate;
+use crate::event::{DEFAULT_ACCEPT, DEFAULT_ROUTING_KEY, RoutingKeyTemplate};
 use crate::net::Cidr;
 
 /// Prefix of environment overrides: `BRIDGE_<SECTION>__<KEY>`.
@@ -163,16 +163,7 @@ pub struct EventSettings {
 impl Default for EventSettings {
     fn default() -> Self {
         EventSettings {
-            accept: [
-                "WHEF_SESSION_CREATED",
-                "WHEF_SESSION_DELETED",
-                "WHEF_SESSION_EXPIRED",
-                "WHEF_CLIENT_LOGGED_IN",
-                "WHEF_CLIENT_FORM_LOADED",
-                "WHEF_CLIENT_FORM_SUBMITTED",
-            ]
-            .map(String::from)
-            .to_vec(),
+            accept: DEFAULT_ACCEPT.map(String::from).to_vec(),
             dedup_window_s: 600,
             dedup_max_ids: 100_000,
         }
@@ -236,7 +227,7 @@ impl Default for AmqpSettings {
         AmqpSettings {
             urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()],
             exchange: "cellosign.events".into(),
-            routing_key: "{session.reference}".into(),
+            routing_key: DEFAULT_ROUTING_KEY.into(),
             declare: true,
             publish_timeout_ms: 5000,
             max_unconfirmed: 1024,
