@@ -23,7 +23,7 @@ use lapin::options::{BasicAckOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use tokio::time::Instant;
 
-use common::{Broker, TestApp, event_body, spawn_app, unique};
+use common::{Broker, TestApp, event_body, message_id, spawn_app, unique};
 use support::rabbit_node::{RabbitCluster, RabbitNode};
 
 /// Taken for writing by the cluster test, for reading by the single-node tests.
@@ -36,11 +36,6 @@ const NODE_START_TIMEOUT: Duration = Duration::from_secs(180);
 const PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
 
 const EVENT_TYPE: &str = "WHEF_SESSION_CREATED";
-
-/// The message id the bridge gives an [`event_body`] (SPEC 3).
-fn message_id(session_id: &str, transaction_number: u64) -> String {
-    format!("{session_id}:{EVENT_TYPE}:2025-01-26T08:49:33.{transaction_number:06}")
-}
 
 /// `/readyz`: HTTP code, parsed body, raw body.
 async fn readyz(app: &TestApp) -> (u16, serde_json::Value, String) {
@@ -79,22 +74,6 @@ async fn wait_connected(app: &TestApp, within: Duration, accept: impl Fn(u16) ->
         assert!(
             Instant::now() < deadline,
             "the link was not connected as expected within {within:?}; last /readyz: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Polls `/readyz` until it answers 200.
-async fn wait_ready(app: &TestApp, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let (code, _, body) = readyz(app).await;
-        if code == 200 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not ready within {within:?}; last /readyz: {body}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -164,7 +143,7 @@ async fn send_until_stopped(
                 let a = common::answer(response).await;
                 if a.code == 200 {
                     accepted.push(Accepted {
-                        message_id: message_id(&session_id, n),
+                        message_id: message_id(EVENT_TYPE, &session_id, n),
                     });
                     accepted_count.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -358,7 +337,7 @@ async fn partitions_keep_each_reference_in_one_queue_in_order() {
         s.amqp.queues = Vec::new();
     })
     .await;
-    wait_ready(&app, Duration::from_secs(60)).await;
+    app.wait_ready(false, Duration::from_secs(60)).await;
     let exchange = app.settings.amqp.exchange.clone();
 
     let tag = unique("part");

@@ -19,10 +19,6 @@ use support::tcp_proxy::{CutMode, TcpProxy};
 
 const DRAIN_WAIT: Duration = Duration::from_secs(90);
 
-fn message_id(session_id: &str, n: u64) -> String {
-    format!("{session_id}:WHEF_SESSION_CREATED:2025-01-26T08:49:33.{n:06}")
-}
-
 /// Consumes `queue` until every id in `expected` was seen (duplicates allowed).
 /// Reconnects on errors: a restarted node may refuse consumers until its quorum
 /// queues have a leader again.
@@ -93,20 +89,6 @@ fn durable_queue(name: &str) -> QueueSettings {
     }
 }
 
-async fn wait_ready(app: &TestApp, connected: bool) {
-    for _ in 0..600 {
-        let (code, body) = app.admin_get("/readyz").await;
-        if code == 200 && (!connected || body.contains("\"connected\":true")) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "bridge never became ready: {:?}",
-        app.admin_get("/readyz").await
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_loses_nothing() {
     let mut node = RabbitNode::start().await.expect("private RabbitMQ node");
@@ -118,7 +100,7 @@ async fn broker_outage_loses_nothing() {
         s.amqp.reconnect_max_ms = 1000;
     })
     .await;
-    wait_ready(&app, true).await;
+    app.wait_ready(true, Duration::from_secs(30)).await;
     let mut accepted = BTreeSet::new();
     for n in 0..50 {
         assert_eq!(
@@ -127,7 +109,7 @@ async fn broker_outage_loses_nothing() {
                 .code,
             200
         );
-        accepted.insert(message_id("before", n));
+        accepted.insert(message_id("WHEF_SESSION_CREATED", "before", n));
     }
     node.kill().expect("kill the private node");
     for n in 0..500 {
@@ -140,7 +122,7 @@ async fn broker_outage_loses_nothing() {
             ))
             .await;
         assert_eq!(a.code, 200, "{a:?}");
-        accepted.insert(message_id("during", n));
+        accepted.insert(message_id("WHEF_SESSION_CREATED", "during", n));
     }
     let (_, body) = app.admin_get("/readyz").await;
     assert!(body.contains("\"connected\":false"), "{body}");
@@ -176,7 +158,7 @@ async fn a_full_spool_answers_503_and_recovers_after_a_network_cut() {
         s.spool.max_bytes = 20_000;
     })
     .await;
-    wait_ready(&app, true).await;
+    app.wait_ready(true, Duration::from_secs(30)).await;
     let exchange = app.settings.amqp.exchange.clone();
     proxy.cut(CutMode::Refuse).await;
     let mut accepted = BTreeSet::new();
@@ -187,7 +169,7 @@ async fn a_full_spool_answers_503_and_recovers_after_a_network_cut() {
             .await;
         match a.code {
             200 => {
-                accepted.insert(message_id("full", n));
+                accepted.insert(message_id("WHEF_SESSION_CREATED", "full", n));
             }
             503 => {
                 assert!(a.headers.contains_key("retry-after"), "{a:?}");
@@ -207,7 +189,7 @@ async fn a_full_spool_answers_503_and_recovers_after_a_network_cut() {
     proxy.restore();
     assert_all_arrive(&amqp_url(), &queue, &accepted).await;
     // Room again: accepted without anyone intervening.
-    wait_ready(&app, true).await;
+    app.wait_ready(true, Duration::from_secs(30)).await;
     assert_eq!(
         app.post_json(&event_body("WHEF_SESSION_CREATED", "after", "r1", 1))
             .await
@@ -323,7 +305,7 @@ fn senders(
                         Ok(r) if r.status() == 200 => {
                             let v: serde_json::Value = r.json().await.unwrap_or_default();
                             if v["status"] == "0" {
-                                ok.insert(message_id(&session, n));
+                                ok.insert(message_id("WHEF_SESSION_CREATED", &session, n));
                             }
                         }
                         Ok(_) => {}

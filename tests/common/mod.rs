@@ -139,6 +139,22 @@ impl TestApp {
         (code, r.text().await.unwrap_or_default())
     }
 
+    /// Polls `/readyz` until it answers 200 (and, if `connected`, the broker link is up).
+    pub async fn wait_ready(&self, connected: bool, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (code, body) = self.admin_get("/readyz").await;
+            if code == 200 && (!connected || body.contains("\"connected\":true")) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not ready within {within:?}; last /readyz: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Stops the app as SIGTERM would, and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -357,6 +373,11 @@ pub fn event_body(
         }
     })
     .to_string()
+}
+
+/// The message id the bridge gives an [`event_body`] (SPEC 3).
+pub fn message_id(event_type: &str, session_id: &str, transaction_number: u64) -> String {
+    format!("{session_id}:{event_type}:2025-01-26T08:49:33.{transaction_number:06}")
 }
 
 /// Test vectors shipped with the repo (a copy of the shared contract's).
