@@ -1233,7 +1233,10 @@ mod tests {
         assert!(!spool.stats().has_room, "readiness sees the refusal");
         assert_eq!(read_all(&spool).len(), 5);
         spool.remove(vec![1]).await.unwrap();
-        assert!(spool.stats().has_room, "room again once the forwarder removed one");
+        assert!(
+            spool.stats().has_room,
+            "room again once the forwarder removed one"
+        );
         assert_eq!(spool.append(payload("fits", 600)).await.unwrap(), 6);
     }
 
