@@ -1,5 +1,7 @@
 //! The `cellosign-bridge` binary: parse the command line, load settings, dispatch.
 
+use std::process::ExitCode;
+
 use anyhow::Context;
 use cellosign_bridge::cli::{self, Cli, Command, SpoolCommand};
 use cellosign_bridge::config::{Settings, Sources};
@@ -8,8 +10,18 @@ use cellosign_bridge::{tail, telemetry};
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line naming the cause chain; no backtrace for an operator's mistake.
+            eprintln!("cellosign-bridge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings =
         Settings::load(&Sources::standard(cli.config.clone())).context("invalid configuration")?;
     match cli.command.unwrap_or(Command::Serve) {
