@@ -155,7 +155,14 @@ impl DirectPublisher {
     /// Publishes and waits for a plain ack, at most the publish timeout.
     pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.timeout, self.publish_inner(envelope)).await {
+        let mut used = None;
+        let attempt = async {
+            let channel = self.channel().await?;
+            used = Some(channel.id());
+            let confirm = send(&channel, &self.exchange, envelope).await?;
+            outcome(confirm.await?, &self.metrics)
+        };
+        let result = match tokio::time::timeout(self.timeout, attempt).await {
             Ok(result) => result,
             Err(_) if self.link.connection().is_none() => Err(PublishError::Unreachable),
             Err(_) => Err(PublishError::Timeout(self.timeout)),
@@ -166,16 +173,16 @@ impl DirectPublisher {
                 .publish_confirm
                 .observe(started.elapsed().as_secs_f64()),
             Err(PublishError::Returned { .. }) | Err(PublishError::Unreachable) => {}
-            // The channel may be the problem: the next publish opens a fresh one.
-            Err(_) => *self.channel.lock().await = None,
+            // The channel may be the problem: the next publish opens a fresh one,
+            // unless another request already replaced it.
+            Err(_) => {
+                let mut slot = self.channel.lock().await;
+                if used.is_some() && slot.as_ref().map(Channel::id) == used {
+                    *slot = None;
+                }
+            }
         }
         result
-    }
-
-    async fn publish_inner(&self, envelope: &Envelope) -> Result<(), PublishError> {
-        let channel = self.channel().await?;
-        let confirm = send(&channel, &self.exchange, envelope).await?;
-        outcome(confirm.await?, &self.metrics)
     }
 
     async fn channel(&self) -> Result<Channel, PublishError> {

@@ -325,13 +325,8 @@ async fn tls_on_the_public_listener() {
 async fn tail_prints_events_posted_through_the_bridge() {
     let app = spawn_app(AckMode::Confirmed, |_| {}).await;
     let exchange = app.settings.amqp.exchange.clone();
-    // The bridge declared the exchange once connected; wait until it is ready.
-    for _ in 0..100 {
-        if app.admin_get("/readyz").await.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The bridge declares the exchange once connected.
+    app.wait_ready(true, WAIT).await;
     let mut child = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"))
         .args(["tail", "--binding", "ref-tail"])
         .env("BRIDGE_AMQP__URLS", amqp_url())
