@@ -21,7 +21,7 @@ const DRAIN_WAIT: Duration = Duration::from_secs(90);
 
 /// A hung test fails with a message instead of holding CI until its deadline.
 async fn bounded(test: impl std::future::Future<Output = ()>) {
-    if tokio::time::timeout(Duration::from_secs(300), test)
+    if tokio::time::timeout(Duration::from_secs(600), test)
         .await
         .is_err()
     {
