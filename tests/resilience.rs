@@ -191,7 +191,6 @@ async fn full_spool_and_network_cut() {
     })
     .await;
     app.wait_ready(true, Duration::from_secs(30)).await;
-    let exchange = app.settings.amqp.exchange.clone();
     proxy.cut(CutMode::Refuse).await;
     let mut accepted = BTreeSet::new();
     let mut refused = 0;
@@ -234,7 +233,6 @@ async fn full_spool_and_network_cut() {
         .channel
         .queue_delete(queue.as_str().into(), Default::default())
         .await;
-    broker.cleanup(&exchange).await;
 }
 
 /// The bridge as a child process of the test, so it can really be killed.
@@ -426,6 +424,7 @@ async fn crash_or_stop(signal: &str) {
         .channel
         .queue_delete(queue.as_str().into(), Default::default())
         .await;
+    // The bridge here is a child process, not a TestApp: clean up after it.
     broker.cleanup(&exchange).await;
 }
 

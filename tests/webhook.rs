@@ -107,7 +107,6 @@ async fn vectors_through(mode: AckMode) {
     }
     assert_quiet(&mut consumer, Duration::from_millis(300)).await;
     app.stop().await;
-    broker.cleanup(&exchange).await;
 }
 
 #[tokio::test]
@@ -148,7 +147,6 @@ async fn the_same_event_again_is_answered_but_published_once() {
         "{metrics}"
     );
     app.stop().await;
-    broker.cleanup(&exchange).await;
 }
 
 #[tokio::test]
@@ -190,7 +188,6 @@ async fn a_queue_bound_to_one_reference_gets_only_its_events_in_order() {
         assert_quiet(&mut only_b, Duration::from_millis(300)).await;
         assert_eq!(take(&mut all, 60, WAIT).await.len(), 60);
         app.stop().await;
-        broker.cleanup(&exchange).await;
     }
 }
 
@@ -220,7 +217,6 @@ async fn routing_key_template_uses_other_fields() {
     assert_eq!(a.code, 422);
     assert!(a.errordesc.contains("session.recipient.name"), "{a:?}");
     app.stop().await;
-    broker.cleanup(&exchange).await;
 }
 
 #[tokio::test]
@@ -262,7 +258,6 @@ async fn topology_is_declared_with_the_alternate_exchange() {
             lapin::options::QueueDeleteOptions::default(),
         )
         .await;
-    broker.cleanup(&exchange).await;
 }
 
 #[tokio::test]

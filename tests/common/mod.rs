@@ -155,13 +155,26 @@ impl TestApp {
         }
     }
 
-    /// Stops the app as SIGTERM would, and waits for it.
+    /// Stops the app as SIGTERM would, waits for it, and removes what it declared
+    /// on the broker (its exchange, and the alternate exchange with its queue).
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
             task.await.expect("app task");
+        }
+        let url = &self.settings.amqp.urls[0];
+        let connect = Connection::connect(url, ConnectionProperties::default());
+        if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await
+            && let Ok(channel) = connection.create_channel().await
+        {
+            Broker {
+                connection,
+                channel,
+            }
+            .cleanup(&self.settings.amqp.exchange)
+            .await;
         }
     }
 }
