@@ -233,52 +233,48 @@ impl Broker {
 
     /// A server-named exclusive queue bound to `exchange` with `binding`, consumed with manual acks.
     pub async fn subscribe(&self, exchange: &str, binding: &str) -> Consumer {
-        let q = self
-            .channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue");
-        self.channel
-            .queue_bind(
-                q.name().clone(),
-                exchange.into(),
-                binding.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
-        self.consume(q.name().as_str()).await
+        let exclusive = QueueDeclareOptions {
+            exclusive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let name = self
+            .declare_bound("", exclusive, FieldTable::default(), exchange, binding)
+            .await;
+        self.consume(&name).await
     }
 
-    /// A durable queue bound with `binding`, surviving this connection (for restart tests).
+    /// A durable quorum queue bound with `binding`, surviving this connection (for restart tests).
     pub async fn durable_queue(&self, exchange: &str, name: &str, binding: &str) {
         let mut args = FieldTable::default();
         args.insert(
             "x-queue-type".into(),
             lapin::types::AMQPValue::LongString("quorum".into()),
         );
-        self.channel
-            .queue_declare(
-                name.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                args,
-            )
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        self.declare_bound(name, durable, args, exchange, binding)
+            .await;
+    }
+
+    /// Declares a queue (`""`: server-named) and binds it; returns its name.
+    async fn declare_bound(
+        &self,
+        name: &str,
+        options: QueueDeclareOptions,
+        args: FieldTable,
+        exchange: &str,
+        binding: &str,
+    ) -> String {
+        let queue = self
+            .channel
+            .queue_declare(name.into(), options, args)
             .await
-            .expect("durable queue");
+            .expect("queue");
         self.channel
             .queue_bind(
-                name.into(),
+                queue.name().clone(),
                 exchange.into(),
                 binding.into(),
                 QueueBindOptions::default(),
@@ -286,6 +282,7 @@ impl Broker {
             )
             .await
             .expect("bind");
+        queue.name().to_string()
     }
 
     /// Consumes `queue` with manual acks.
