@@ -541,13 +541,8 @@ impl Settings {
 
     /// The settings as TOML with secrets redacted, for `check-config`.
     pub fn redacted_toml(&self) -> String {
-        let mut shown = self.clone();
-        if !shown.auth.tokens_file.is_empty() {
-            // Tokens from the file are already merged into `tokens`, which is redacted.
-            shown.auth.tokens_file = format!("{} (read)", shown.auth.tokens_file);
-        }
-        toml::to_string_pretty(&shown)
-            .unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
+        // Tokens (also those read from `tokens_file`) are redacted by their serializer.
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
     }
 }
 

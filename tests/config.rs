@@ -156,9 +156,12 @@ fn bridge(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 
 #[test]
 fn check_config_redacts_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(dir.path(), "tokens", "file-secret-token\n");
     let out = bridge(
         &["check-config"],
         &[
+            ("BRIDGE_AUTH__TOKENS_FILE", tokens.to_str().unwrap()),
             ("BRIDGE_AUTH__TOKENS", "super-secret-token"),
             ("BRIDGE_AMQP__URLS", "amqp://user:hunter2@broker:5672/%2f"),
         ],
@@ -178,7 +181,6 @@ fn check_config_redacts_secrets() {
         "{text}"
     );
     // What it prints is a config file the bridge accepts.
-    let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "effective.toml", &text);
     assert!(load(None, None, Some(&file), &[]).is_ok());
 }
