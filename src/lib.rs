@@ -31,6 +31,7 @@ pub mod dedup;
 pub mod delivery;
 pub mod envelope;
 pub mod event;
+pub mod fault;
 pub mod forwarder;
 pub mod ingress;
 pub mod metrics;

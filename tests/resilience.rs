@@ -5,15 +5,14 @@ mod common;
 mod support;
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cellosign_bridge::config::{AckMode, QueueKind, QueueSettings};
 use common::*;
+use support::bridge_process::BridgeProcess;
 use support::rabbit_node::RabbitNode;
 use support::tcp_proxy::{CutMode, TcpProxy};
 
@@ -235,83 +234,6 @@ async fn full_spool_and_network_cut() {
         .await;
 }
 
-/// The bridge as a child process of the test, so it can really be killed.
-struct BridgeProcess {
-    child: Child,
-    http: SocketAddr,
-    admin: SocketAddr,
-    log: Arc<Mutex<String>>,
-}
-
-impl BridgeProcess {
-    /// Starts `serve` on port-0 listeners; `env` adds or overrides settings.
-    fn start(spool: &Path, exchange: &str, token: &str, env: &[(&str, &str)]) -> BridgeProcess {
-        // The shipped config declares `cellosign.sessions`; a test declares its own queues,
-        // so nothing it posts lands in a queue that real consumers read.
-        let overrides = spool.join("bridge-test.toml");
-        std::fs::write(&overrides, "[amqp]\nqueues = []\n").expect("test config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&overrides)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
-            .env("BRIDGE_ADMIN__LISTEN", "127.0.0.1:0")
-            .env("BRIDGE_SPOOL__DIR", spool)
-            .env("BRIDGE_AMQP__URLS", amqp_url())
-            .env("BRIDGE_AMQP__EXCHANGE", exchange)
-            .env("BRIDGE_AUTH__TOKENS", token)
-            .env("BRIDGE_LOG__FORMAT", "json")
-            .env("BRIDGE_LOG__LEVEL", "info")
-            .env("BRIDGE_SHUTDOWN__GRACE_MS", "5000")
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start the bridge");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && v["message"] == "cellosign-bridge serving"
-                {
-                    let _ = tx.send((
-                        v["http"].as_str().map(String::from),
-                        v["admin"].as_str().map(String::from),
-                    ));
-                }
-                sink.lock().unwrap().push_str(&line);
-                sink.lock().unwrap().push('\n');
-            }
-        });
-        let (http, admin) = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("bridge starts");
-        BridgeProcess {
-            child,
-            http: http.unwrap().parse().unwrap(),
-            admin: admin.unwrap().parse().unwrap(),
-            log,
-        }
-    }
-
-    fn url(&self, token: &str) -> String {
-        format!("http://{}/webhooks/cellosign?token={token}", self.http)
-    }
-}
-
-impl Drop for BridgeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Posts distinct events from 8 senders until told to stop; returns the ids answered "0".
 fn senders(
     url: String,
@@ -374,7 +296,7 @@ async fn crash_or_stop(signal: &str) {
     broker.declare_exchange(&exchange).await;
     broker.durable_queue(&exchange, &queue, "#").await;
 
-    let mut first = BridgeProcess::start(spool.path(), &exchange, token, &[]);
+    let mut first = BridgeProcess::start(spool.path(), &amqp_url(), &exchange, token, &[]);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sending = senders(first.url(token), "crash", stop.clone());
     // Let them post a while, so the kill lands mid-stream.
@@ -408,7 +330,7 @@ async fn crash_or_stop(signal: &str) {
     );
 
     // A new process on the same spool forwards what the first one kept.
-    let second = BridgeProcess::start(spool.path(), &exchange, token, &[]);
+    let second = BridgeProcess::start(spool.path(), &amqp_url(), &exchange, token, &[]);
     assert_all_arrive(&amqp_url(), &queue, &accepted).await;
     for log in [&first.log, &second.log] {
         let log = log.lock().unwrap();
@@ -461,9 +383,10 @@ async fn spool_stats_reads_the_file_or_asks_the_running_bridge() {
     // No broker reachable: events stay in the spool.
     let bridge = BridgeProcess::start(
         spool.path(),
+        "amqp://guest:guest@127.0.0.1:1/%2f",
         &exchange,
         "t",
-        &[("BRIDGE_AMQP__URLS", "amqp://guest:guest@127.0.0.1:1/%2f")],
+        &[],
     );
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     for n in 0..3 {

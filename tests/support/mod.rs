@@ -1,5 +1,6 @@
 //! Private brokers and network cuts for tests that must never touch the shared RabbitMQ.
 #![allow(dead_code)]
 
+pub mod bridge_process;
 pub mod rabbit_node;
 pub mod tcp_proxy;
