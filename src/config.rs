@@ -102,6 +102,10 @@ pub struct HttpSettings {
     pub max_in_flight: usize,
     pub header_read_timeout_ms: u64,
     pub body_read_timeout_ms: u64,
+    /// A connection with no request in progress is closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Connections open at once on the public listener; past it new ones are closed at once.
+    pub max_connections: usize,
     pub trusted_proxies: Vec<Cidr>,
     pub tls: Option<TlsSettings>,
 }
@@ -115,6 +119,8 @@ impl Default for HttpSettings {
             max_in_flight: 1024,
             header_read_timeout_ms: 5000,
             body_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 10_000,
             trusted_proxies: Vec::new(),
             tls: None,
         }
@@ -194,6 +200,8 @@ pub struct DeliverySettings {
 pub struct SpoolSettings {
     pub dir: PathBuf,
     pub max_bytes: u64,
+    /// An append not durable within this long answers 503 (a stalled disk).
+    pub append_timeout_ms: u64,
 }
 
 impl Default for SpoolSettings {
@@ -201,6 +209,7 @@ impl Default for SpoolSettings {
         SpoolSettings {
             dir: PathBuf::from("var/spool"),
             max_bytes: 1 << 30,
+            append_timeout_ms: 2000,
         }
     }
 }
@@ -413,6 +422,12 @@ impl Settings {
         if http.body_read_timeout_ms == 0 {
             return Err(invalid("http.body_read_timeout_ms", "must be > 0"));
         }
+        if http.idle_timeout_ms == 0 {
+            return Err(invalid("http.idle_timeout_ms", "must be > 0"));
+        }
+        if http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be > 0"));
+        }
         if let Some(tls) = &http.tls {
             for (key, file) in [
                 ("http.tls.cert_file", &tls.cert_file),
@@ -440,6 +455,9 @@ impl Settings {
         self.check_events()?;
         if self.spool.max_bytes == 0 {
             return Err(invalid("spool.max_bytes", "must be > 0"));
+        }
+        if self.spool.append_timeout_ms == 0 {
+            return Err(invalid("spool.append_timeout_ms", "must be > 0"));
         }
         if self.delivery.ack == AckMode::Spooled && self.spool.dir.as_os_str().is_empty() {
             return Err(invalid(
