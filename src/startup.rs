@@ -176,6 +176,8 @@ impl Application {
         let header_read_timeout = Duration::from_millis(self.settings.http.header_read_timeout_ms);
         let limits = ServerLimits {
             header_read_timeout,
+            idle_timeout: Duration::from_millis(self.settings.http.idle_timeout_ms),
+            max_connections: self.settings.http.max_connections,
             drain_deadline: grace,
         };
         // Actual addresses: with port 0 in the settings, tests learn the ports from this line.
