@@ -1,78 +1,191 @@
-//! Recently accepted message ids, so a repeated webhook is answered "0" without
-//! being published twice. In memory, bounded, per process.
+//! Message ids accepted recently or being stored right now, so that a repeated webhook
+//! is answered "0" without being published twice. In memory, bounded, per process.
+//!
+//! Checking and claiming an id is one step ([`Dedup::check`]): of the copies of one event
+//! that arrive together, exactly one claims it and stores it; the others wait for that
+//! one outcome (single flight), so the event is stored and published once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// A time- and size-bounded set of message ids.
+use tokio::sync::watch;
+
+/// A time- and size-bounded set of message ids, with the ids being stored.
 pub struct Dedup {
+    shared: Arc<Shared>,
+}
+
+/// What [`Dedup`] and its outstanding [`Claim`]s share.
+struct Shared {
     window: Duration,
     max_ids: usize,
-    inner: Mutex<Inner>,
+    state: Mutex<State>,
 }
 
+/// The ids, under one lock.
 #[derive(Default)]
-struct Inner {
-    /// id -> when it was accepted.
-    seen: HashMap<String, Instant>,
-    /// The same ids, oldest first, for expiry and eviction.
-    order: VecDeque<(Instant, String)>,
+struct State {
+    /// id -> where it stands. One allocation per id: the key is shared with `order`.
+    ids: HashMap<Arc<str>, Entry>,
+    /// The accepted ids, oldest first, for expiry and eviction. Ids being stored are not
+    /// here: they are never forgotten while their claim is out.
+    order: VecDeque<(Instant, Arc<str>)>,
 }
 
-impl Inner {
+/// Where one id stands.
+enum Entry {
+    /// Accepted (durable) at this instant.
+    Done(Instant),
+    /// Being stored by a [`Claim`]; the channel exists once a copy waits for it.
+    Pending(Option<watch::Sender<Outcome>>),
+}
+
+/// The outcome of a claim, as its waiters see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Not known yet.
+    Storing,
+    /// Stored: answer "0".
+    Durable,
+    /// Storing failed or was abandoned: answer 503.
+    Failed,
+}
+
+/// The answer of [`Dedup::check`].
+pub enum Check {
+    /// Accepted within the window: answer "0" without storing it again.
+    Done,
+    /// Another copy is being stored right now: wait for its outcome.
+    Pending(Pending),
+    /// This copy is the one to store: [`Claim::settle`] it once durable; dropping it
+    /// instead releases the id (storing failed), and the waiting copies fail too.
+    Claimed(Claim),
+}
+
+/// A copy waiting for the one copy of its event that is being stored.
+pub struct Pending {
+    rx: watch::Receiver<Outcome>,
+}
+
+impl Pending {
+    /// True once the stored copy is durable; false if storing it failed.
+    pub async fn durable(mut self) -> bool {
+        match self.rx.wait_for(|o| *o != Outcome::Storing).await {
+            Ok(outcome) => *outcome == Outcome::Durable,
+            // The claim went away without a word: it did not become durable.
+            Err(_) => false,
+        }
+    }
+}
+
+/// The right and duty to store one event. `Send + 'static`, so it can outlive the
+/// request (an append that goes on after the caller was answered 503).
+pub struct Claim {
+    /// None when dedup is disabled, or once settled.
+    held: Option<(Arc<Shared>, Arc<str>)>,
+}
+
+impl Claim {
+    /// The event is durable: this id now answers "0", and so do the copies waiting.
+    pub fn settle(mut self) {
+        let Some((shared, id)) = self.held.take() else {
+            return;
+        };
+        let now = Instant::now();
+        let waiters = {
+            let mut state = shared.lock();
+            let previous = state.ids.insert(id.clone(), Entry::Done(now));
+            state.order.push_back((now, id));
+            state.trim(now, shared.window, shared.max_ids);
+            match previous {
+                Some(Entry::Pending(tx)) => tx,
+                _ => None,
+            }
+        };
+        if let Some(tx) = waiters {
+            tx.send_replace(Outcome::Durable);
+        }
+    }
+}
+
+impl Drop for Claim {
+    /// Not settled: storing failed (or was abandoned), so the id is free for a retry.
+    fn drop(&mut self) {
+        let Some((shared, id)) = self.held.take() else {
+            return;
+        };
+        let waiters = match shared.lock().ids.remove(&id) {
+            Some(Entry::Pending(tx)) => tx,
+            _ => None,
+        };
+        if let Some(tx) = waiters {
+            tx.send_replace(Outcome::Failed);
+        }
+    }
+}
+
+impl Shared {
+    /// The state; a panic while holding the lock leaves it consistent, so keep using it.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
     /// Forgets ids older than the window, and the oldest beyond `max_ids`.
     fn trim(&mut self, now: Instant, window: Duration, max_ids: usize) {
         while let Some((at, _)) = self.order.front() {
             if now.duration_since(*at) < window && self.order.len() <= max_ids {
                 break;
             }
-            if let Some((at, id)) = self.order.pop_front() {
-                // A re-accepted id has a newer entry; remove only the one we pop.
-                if self.seen.get(&id) == Some(&at) {
-                    self.seen.remove(&id);
-                }
+            if let Some((at, id)) = self.order.pop_front()
+                && matches!(self.ids.get(&id), Some(Entry::Done(t)) if *t == at)
+            {
+                self.ids.remove(&id);
             }
         }
     }
 }
 
 impl Dedup {
-    /// `window` zero disables it.
+    /// `window` zero disables it: every copy is stored.
     pub fn new(window: Duration, max_ids: usize) -> Self {
         Dedup {
-            window,
-            max_ids,
-            inner: Mutex::new(Inner::default()),
+            shared: Arc::new(Shared {
+                window,
+                max_ids,
+                state: Mutex::new(State::default()),
+            }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves a consistent map; keep using it.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether `id` was accepted within the window.
-    pub fn seen(&self, id: &str) -> bool {
-        if self.window.is_zero() {
-            return false;
-        }
-        let now = Instant::now();
-        let mut inner = self.lock();
-        inner.trim(now, self.window, self.max_ids);
-        inner.seen.contains_key(id)
-    }
-
-    /// Records `id` as accepted now. Call only once the event is durable.
-    pub fn remember(&self, id: &str) {
-        if self.window.is_zero() {
-            return;
+    /// In one step: whether `id` was accepted within the window, is being stored now, or
+    /// is claimed by this call.
+    pub fn check(&self, id: &str) -> Check {
+        let shared = &self.shared;
+        if shared.window.is_zero() {
+            return Check::Claimed(Claim { held: None });
         }
         let now = Instant::now();
-        let mut inner = self.lock();
-        inner.seen.insert(id.to_string(), now);
-        inner.order.push_back((now, id.to_string()));
-        inner.trim(now, self.window, self.max_ids);
+        let mut state = shared.lock();
+        state.trim(now, shared.window, shared.max_ids);
+        match state.ids.get_mut(id) {
+            Some(Entry::Done(_)) => Check::Done,
+            Some(Entry::Pending(Some(tx))) => Check::Pending(Pending { rx: tx.subscribe() }),
+            Some(Entry::Pending(waiters)) => {
+                let (tx, rx) = watch::channel(Outcome::Storing);
+                *waiters = Some(tx);
+                Check::Pending(Pending { rx })
+            }
+            None => {
+                let id: Arc<str> = Arc::from(id);
+                state.ids.insert(id.clone(), Entry::Pending(None));
+                Check::Claimed(Claim {
+                    held: Some((shared.clone(), id)),
+                })
+            }
+        }
     }
 }
 
@@ -80,48 +193,132 @@ impl Dedup {
 mod tests {
     use super::*;
 
+    fn claim(d: &Dedup, id: &str) -> Claim {
+        match d.check(id) {
+            Check::Claimed(c) => c,
+            Check::Done => panic!("{id}: done"),
+            Check::Pending(_) => panic!("{id}: pending"),
+        }
+    }
+
+    fn is_done(d: &Dedup, id: &str) -> bool {
+        match d.check(id) {
+            Check::Done => true,
+            Check::Pending(_) => panic!("{id}: pending"),
+            // Dropped at once: released again.
+            Check::Claimed(_) => false,
+        }
+    }
+
     #[test]
     fn remembers_within_the_window() {
         let d = Dedup::new(Duration::from_secs(60), 10);
-        assert!(!d.seen("a"));
-        d.remember("a");
-        assert!(d.seen("a"));
-        assert!(!d.seen("b"));
+        claim(&d, "a").settle();
+        assert!(is_done(&d, "a"));
+        assert!(!is_done(&d, "b"));
     }
 
     #[test]
     fn forgets_after_the_window() {
         let d = Dedup::new(Duration::from_millis(20), 10);
-        d.remember("a");
+        claim(&d, "a").settle();
         std::thread::sleep(Duration::from_millis(40));
-        assert!(!d.seen("a"));
+        assert!(!is_done(&d, "a"));
     }
 
     #[test]
     fn evicts_the_oldest_beyond_the_bound() {
         let d = Dedup::new(Duration::from_secs(60), 3);
         for id in ["a", "b", "c", "d"] {
-            d.remember(id);
+            claim(&d, id).settle();
         }
-        assert!(!d.seen("a"));
-        assert!(d.seen("b") && d.seen("c") && d.seen("d"));
-        assert_eq!(d.lock().seen.len(), 3);
+        assert_eq!(d.shared.lock().ids.len(), 3);
+        assert!(is_done(&d, "b") && is_done(&d, "c") && is_done(&d, "d"));
+        assert!(!is_done(&d, "a"));
     }
 
     #[test]
-    fn re_accepting_keeps_the_newer_entry() {
-        let d = Dedup::new(Duration::from_secs(60), 2);
-        d.remember("a");
-        d.remember("a");
-        d.remember("b");
-        // The first "a" entry is evicted; the second still stands.
-        assert!(d.seen("a"));
+    fn an_id_being_stored_is_never_evicted() {
+        let d = Dedup::new(Duration::from_secs(60), 1);
+        let a = claim(&d, "a");
+        for id in ["b", "c", "d"] {
+            claim(&d, id).settle();
+        }
+        assert!(matches!(d.check("a"), Check::Pending(_)));
+        a.settle();
+        assert!(is_done(&d, "a"));
+        assert_eq!(d.shared.lock().ids.len(), 1);
     }
 
     #[test]
     fn zero_window_disables() {
         let d = Dedup::new(Duration::ZERO, 10);
-        d.remember("a");
-        assert!(!d.seen("a"));
+        let first = claim(&d, "a");
+        let second = claim(&d, "a");
+        first.settle();
+        second.settle();
+        assert!(!is_done(&d, "a"));
+        assert!(d.shared.lock().ids.is_empty());
+    }
+
+    #[tokio::test]
+    async fn copies_wait_for_the_stored_one() {
+        let d = Dedup::new(Duration::from_secs(60), 10);
+        let c = claim(&d, "a");
+        let waiters: Vec<_> = (0..5)
+            .map(|_| match d.check("a") {
+                Check::Pending(p) => tokio::spawn(p.durable()),
+                _ => panic!("expected pending"),
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert!(waiters.iter().all(|w| !w.is_finished()));
+        c.settle();
+        for w in waiters {
+            assert!(w.await.unwrap());
+        }
+        assert!(is_done(&d, "a"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_fails_its_copies_and_frees_the_id() {
+        let d = Dedup::new(Duration::from_secs(60), 10);
+        let c = claim(&d, "a");
+        let Check::Pending(p) = d.check("a") else {
+            panic!("expected pending");
+        };
+        let Check::Pending(q) = d.check("a") else {
+            panic!("expected pending");
+        };
+        drop(c);
+        assert!(!p.durable().await);
+        assert!(!q.durable().await);
+        // A later retry stores it.
+        claim(&d, "a").settle();
+        assert!(is_done(&d, "a"));
+    }
+
+    #[test]
+    fn one_claim_among_racing_copies() {
+        let d = Arc::new(Dedup::new(Duration::from_secs(60), 100));
+        let barrier = Arc::new(std::sync::Barrier::new(16));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (d, barrier) = (d.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    match d.check("same") {
+                        // Held past the race, so every other copy sees it pending.
+                        Check::Claimed(c) => Some(c),
+                        _ => None,
+                    }
+                })
+            })
+            .collect();
+        let claims: Vec<Claim> = threads
+            .into_iter()
+            .filter_map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(claims.len(), 1);
     }
 }

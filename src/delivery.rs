@@ -1,6 +1,11 @@
 //! The step between validation and the caller's "0": make the event durable,
 //! either in the local spool (`spooled`) or on the broker (`confirmed`).
 
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::dedup::{Claim, Pending};
 use crate::envelope::Envelope;
 use crate::publish::{DirectPublisher, PublishError};
 use crate::spool::{Spool, SpoolError};
@@ -8,10 +13,20 @@ use crate::spool::{Spool, SpoolError};
 /// Why an event could not be made durable now; the caller gets 503 and retries.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
+    /// `spool.max_bytes` reached.
     #[error("spool full, retry later")]
     Full,
+    /// The spool's disk failed.
     #[error("spool cannot store events now, retry later")]
     Storage(#[source] SpoolError),
+    /// Not durable within `spool.append_timeout_ms`. The append goes on: if it lands,
+    /// the event is forwarded once and a retry is answered "0".
+    #[error("spool too slow to store events now, retry later")]
+    Timeout(Duration),
+    /// Another copy of this event was being stored, and that failed.
+    #[error("storing this event failed, retry later")]
+    CopyFailed,
+    /// `confirmed` mode: the broker did not confirm it.
     #[error("broker cannot take events now ({0}), retry later")]
     Publish(#[source] PublishError),
 }
@@ -25,18 +40,62 @@ pub enum Delivery {
 }
 
 impl Delivery {
-    /// Makes `envelope` durable, or says why not.
-    pub async fn accept(&self, envelope: Envelope) -> Result<(), DeliveryError> {
+    /// Makes `envelope` durable, or says why not; settles `claim` once it is durable.
+    pub async fn accept(&self, envelope: Envelope, claim: Claim) -> Result<(), DeliveryError> {
         match self {
-            Delivery::Spooled(spool) => match spool.append(envelope.encode()).await {
-                Ok(_) => Ok(()),
-                Err(SpoolError::Full { .. }) => Err(DeliveryError::Full),
-                Err(e) => Err(DeliveryError::Storage(e)),
-            },
-            Delivery::Confirmed(publisher) => publisher
-                .publish(&envelope)
-                .await
-                .map_err(DeliveryError::Publish),
+            Delivery::Spooled(spool) => {
+                let limit = spool.append_timeout();
+                let (tx, rx) = oneshot::channel();
+                let spool = spool.clone();
+                let record = envelope.encode();
+                // The append runs to its end even when the caller is answered (or gone) first,
+                // so the claim always ends up settled or released by the real outcome.
+                tokio::spawn(async move {
+                    let result = spool.append(record).await;
+                    if result.is_ok() {
+                        claim.settle();
+                    } else {
+                        drop(claim);
+                    }
+                    let _ = tx.send(result);
+                });
+                match tokio::time::timeout(limit, rx).await {
+                    Ok(Ok(Ok(_seq))) => Ok(()),
+                    Ok(Ok(Err(SpoolError::Full { .. }))) => Err(DeliveryError::Full),
+                    Ok(Ok(Err(e))) => Err(DeliveryError::Storage(e)),
+                    // The task ended without an answer: only a panic gets here.
+                    Ok(Err(_)) => Err(DeliveryError::Storage(SpoolError::Closed)),
+                    Err(_) => Err(DeliveryError::Timeout(limit)),
+                }
+            }
+            Delivery::Confirmed(publisher) => {
+                publisher
+                    .publish(&envelope)
+                    .await
+                    .map_err(DeliveryError::Publish)?;
+                claim.settle();
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for the copy of the same event that another request is storing: Ok once it
+    /// is durable. In `spooled` mode no longer than the append timeout; in `confirmed`
+    /// mode that publish is bounded by its own timeout.
+    pub async fn await_copy(&self, pending: Pending) -> Result<(), DeliveryError> {
+        let durable = match self {
+            Delivery::Spooled(spool) => {
+                let limit = spool.append_timeout();
+                tokio::time::timeout(limit, pending.durable())
+                    .await
+                    .map_err(|_| DeliveryError::Timeout(limit))?
+            }
+            Delivery::Confirmed(_) => pending.durable().await,
+        };
+        if durable {
+            Ok(())
+        } else {
+            Err(DeliveryError::CopyFailed)
         }
     }
 }

@@ -43,3 +43,27 @@ pub fn armed(point: &str) -> Option<Duration> {
 pub fn armed(_point: &str) -> Option<Duration> {
     None
 }
+
+/// Whether one-shot fault `point` fires now: true the first time it is asked while
+/// armed, false ever after (e.g. "fail the first commit holding appends").
+#[cfg(feature = "fault-injection")]
+pub fn once(point: &str) -> bool {
+    use std::sync::Mutex;
+    static FIRED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    if armed(point).is_none() {
+        return false;
+    }
+    let mut fired = FIRED.lock().unwrap_or_else(|p| p.into_inner());
+    if fired.iter().any(|p| p == point) {
+        return false;
+    }
+    fired.push(point.to_string());
+    true
+}
+
+/// Whether one-shot fault `point` fires now: never, in a build without `fault-injection`.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn once(_point: &str) -> bool {
+    false
+}

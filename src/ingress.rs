@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use tracing::info;
 
 use crate::auth::Auth;
-use crate::dedup::Dedup;
+use crate::dedup::{Check, Dedup};
 use crate::delivery::{Delivery, DeliveryError};
 use crate::envelope::Envelope;
 use crate::event::{Policy, validate};
@@ -173,20 +173,37 @@ impl Ingress {
         log.event_type = Some(event.event_type.to_string());
         log.session_id = Some(event.session_id.to_string());
         log.reference = Some(event.reference.to_string());
-        if self.dedup.seen(&event.message_id) {
-            self.metrics.dedup_hits.inc();
-            return Ok(());
-        }
-        let envelope = Envelope::new(&event, body.clone(), received_at_ms);
-        self.delivery.accept(envelope).await.map_err(|e| {
+        let unavailable = |e: DeliveryError| {
             let metric = match e {
                 DeliveryError::Full => "spool_full",
                 DeliveryError::Storage(_) => "spool_error",
+                DeliveryError::Timeout(_) => "spool_timeout",
+                DeliveryError::CopyFailed => "copy_failed",
                 DeliveryError::Publish(_) => "broker_unavailable",
             };
             Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), metric)
-        })?;
-        self.dedup.remember(&event.message_id);
+        };
+        // One step: accepted before, being stored by another copy now, or ours to store.
+        let claim = match self.dedup.check(&event.message_id) {
+            Check::Done => {
+                self.metrics.dedup_hits.inc();
+                return Ok(());
+            }
+            Check::Pending(pending) => {
+                self.delivery
+                    .await_copy(pending)
+                    .await
+                    .map_err(unavailable)?;
+                self.metrics.dedup_hits.inc();
+                return Ok(());
+            }
+            Check::Claimed(claim) => claim,
+        };
+        let envelope = Envelope::new(&event, body.clone(), received_at_ms);
+        self.delivery
+            .accept(envelope, claim)
+            .await
+            .map_err(unavailable)?;
         self.metrics
             .events_accepted
             .get_or_create(&TypeLabel {
