@@ -236,12 +236,19 @@ async fn drain(exchange: &str) {
     );
     let connection = link.connected().await;
     let started = Instant::now();
-    let forwarder = Forwarder::start(spool.clone(), link.clone(), &s.amqp, metrics);
+    let (forwarder, forwarding) = Forwarder::start(
+        spool.clone(),
+        link.clone(),
+        &s.amqp,
+        metrics,
+        stop.child_token(),
+    );
     while spool.stats().events > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let bridge = started.elapsed().as_secs_f64();
     forwarder.drain_until(tokio::time::Instant::now()).await;
+    let _ = forwarding.await;
     let plain = plain_lapin(&connection, exchange, events, s.amqp.max_unconfirmed).await;
     println!(
         "drain of {events} events: forwarder {bridge:.2}s = {:.0}/s; plain lapin loop {plain:.2}s = {:.0}/s; ratio {:.0}%",

@@ -16,6 +16,7 @@ use crate::config::AckMode;
 use crate::metrics::Metrics;
 use crate::server::Handler;
 use crate::spool::Spool;
+use crate::supervisor::Supervisor;
 
 /// Spool detail of `/readyz`.
 #[derive(Debug, Clone, Serialize)]
@@ -37,6 +38,9 @@ pub struct Readiness {
     pub ready: bool,
     /// Shutdown started: the public listener no longer accepts.
     pub draining: bool,
+    /// A background task stopped: the bridge is exiting to be restarted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     pub mode: AckMode,
     pub broker: LinkStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -49,6 +53,7 @@ pub struct Admin {
     link: Link,
     spool: Option<(Spool, u64)>,
     metrics: Arc<Metrics>,
+    supervisor: Supervisor,
     draining: AtomicBool,
 }
 
@@ -59,12 +64,14 @@ impl Admin {
         link: Link,
         spool: Option<(Spool, u64)>,
         metrics: Arc<Metrics>,
+        supervisor: Supervisor,
     ) -> Self {
         Admin {
             mode,
             link,
             spool,
             metrics,
+            supervisor,
             draining: AtomicBool::new(false),
         }
     }
@@ -96,9 +103,11 @@ impl Admin {
             (AckMode::Confirmed, _) => broker.connected && !broker.blocked,
         };
         let draining = self.draining.load(Ordering::Relaxed);
+        let failure = self.supervisor.failure().map(|f| f.to_string());
         Readiness {
-            ready: ready && !draining,
+            ready: ready && !draining && failure.is_none(),
             draining,
+            failure,
             mode: self.mode,
             broker,
             spool,

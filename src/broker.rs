@@ -22,6 +22,9 @@ use crate::topology;
 /// Longest wait for one connection attempt (TCP, TLS, AMQP handshake, topology).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest wait for the broker to acknowledge closing the connection at shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// A connection that lasted this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 
@@ -85,7 +88,9 @@ impl Link {
             });
             metrics.broker_connected.set(0);
             if let LinkState::Up { connection, .. } = previous {
-                let _ = connection.close(200, "shutting down".into()).await;
+                // A blocked or black-holed broker never answers the close: do not wait for it.
+                let close = connection.close(200, "shutting down".into());
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
             }
         });
         (Link { state: rx }, task)
@@ -169,6 +174,9 @@ async fn maintain(amqp: AmqpSettings, metrics: Arc<Metrics>, tx: &watch::Sender<
                 }
                 ever_connected = true;
                 info!(url = %url, "broker connected");
+                if crate::fault::armed("link.panic").is_some() {
+                    panic!("fault injected: link.panic");
+                }
                 let since = Instant::now();
                 let error = watch_connection(connection, url, tx, &metrics).await;
                 metrics.broker_connected.set(0);

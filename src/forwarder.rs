@@ -1,47 +1,56 @@
-//! Moves spooled events to the broker, oldest first, with a bounded window of
-//! unconfirmed publishes, and removes each only after a plain ack.
+//! Moves spooled events to the broker and removes each only after a plain ack.
 //!
-//! Any failure (nack, return, timeout, lost connection) abandons the channel
-//! and starts again from the oldest event still in the spool on a fresh
-//! channel ("go back N"). Events therefore reach the broker in acceptance
-//! order, at least once: a consumer may see a duplicate after a failure,
-//! never a gap or an inversion.
+//! Events are read from the spool oldest first into per-routing-key lanes. Each
+//! lane has at most one unconfirmed publish: the next event of a key is
+//! published only after the previous one was acked, so a nack or a return can
+//! never let a later event of the same reference overtake an earlier one.
+//! Lanes of different keys publish side by side, up to `amqp.max_unconfirmed`
+//! events held at once, so varied references keep the pipeline full.
+//!
+//! A refused lane (nack or return) waits with capped exponential backoff that
+//! resets after its next ack; a nack also retires the channel once its other
+//! confirms are in (a channel that nacked can keep nacking). A lost channel or
+//! a confirm timeout republishes every lane's head on a fresh channel. Either
+//! way a consumer may see a duplicate, never a gap or an inversion.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use lapin::Channel;
-use lapin::PublisherConfirm;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
 use tracing::{error, info, warn};
 
 use crate::broker::{Link, backoff};
 use crate::config::AmqpSettings;
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
-use crate::publish::{PublishError, confirm_channel, outcome, send};
+use crate::publish::{Tracked, Verdict, confirm_channel, returned_key, send, settled};
 use crate::spool::{Spool, SpoolError};
 
 /// How often `drain_until` looks at the spool depth.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
-/// Why a pass over the spool ended.
+/// Why a pass over one channel ended.
 #[derive(Debug, thiserror::Error)]
 enum PassError {
-    #[error(transparent)]
-    Publish(#[from] PublishError),
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("no confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("the channel nacked; replacing it")]
+    Nacked,
     #[error("spool: {0}")]
     Spool(#[from] SpoolError),
-}
-
-impl From<lapin::Error> for PassError {
-    fn from(e: lapin::Error) -> Self {
-        PassError::Publish(PublishError::Broker(e))
-    }
+    #[error("the spool was reopened; reading it again from the oldest event")]
+    Reopened,
+    #[error("stopped")]
+    Stopped,
 }
 
 /// What the forwarder needs to know about the broker side.
@@ -58,17 +67,18 @@ struct Target {
 pub struct Forwarder {
     spool: Spool,
     stop: CancellationToken,
-    task: JoinHandle<()>,
 }
 
 impl Forwarder {
-    /// Starts forwarding whatever the spool holds, then whatever arrives.
+    /// Starts forwarding whatever the spool holds, then whatever arrives, until
+    /// `stop` is cancelled; the handle is the task, for its supervisor.
     pub fn start(
         spool: Spool,
         link: Link,
         amqp: &AmqpSettings,
         metrics: Arc<Metrics>,
-    ) -> Forwarder {
+        stop: CancellationToken,
+    ) -> (Forwarder, JoinHandle<()>) {
         let target = Target {
             exchange: amqp.exchange.clone(),
             window: amqp.max_unconfirmed,
@@ -76,19 +86,115 @@ impl Forwarder {
             retry_initial: Duration::from_millis(amqp.reconnect_initial_ms),
             retry_max: Duration::from_millis(amqp.reconnect_max_ms),
         };
-        let stop = CancellationToken::new();
         let task = tokio::spawn(run(spool.clone(), link, target, metrics, stop.clone()));
-        Forwarder { spool, stop, task }
+        (Forwarder { spool, stop }, task)
     }
 
     /// Keeps forwarding until the spool is empty or `deadline` passes, then stops.
     /// Whatever is left stays in the spool for the next start.
-    pub async fn drain_until(self, deadline: Instant) {
+    pub async fn drain_until(&self, deadline: Instant) {
         while self.spool.stats().events > 0 && Instant::now() < deadline {
             tokio::time::sleep(DRAIN_POLL).await;
         }
         self.stop.cancel();
-        let _ = self.task.await;
+    }
+}
+
+/// One routing key's events, oldest first; the head is the one being published.
+struct Lane {
+    key: Arc<str>,
+    events: VecDeque<(u64, Envelope)>,
+    state: LaneState,
+    /// Refusals since the last ack, for the backoff.
+    refusals: u32,
+    /// A return for the head arrived (possibly on a neighbour's confirm).
+    returned: Option<(u16, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LaneState {
+    /// In the ready queue.
+    Ready,
+    /// Its head is published and unconfirmed.
+    InFlight,
+    /// Backing off after a refusal.
+    Waiting,
+}
+
+/// Everything the forwarder holds between the spool and the broker. It outlives
+/// channels: a new channel republishes the heads, nothing is read twice.
+struct Lanes {
+    lanes: HashMap<Arc<str>, Lane>,
+    ready: VecDeque<Arc<str>>,
+    waiting: DelayQueue<Arc<str>>,
+    /// Publishes in flight on the current channel: seq -> (key, sent at).
+    in_flight: HashMap<u64, (Arc<str>, Instant)>,
+    /// Seqs in send order, to find the oldest unconfirmed one.
+    sent: VecDeque<(Instant, u64)>,
+    /// Events read from the spool and not yet removed.
+    held: usize,
+    /// Highest seq read from the spool.
+    cursor: Option<u64>,
+}
+
+impl Lanes {
+    fn new() -> Self {
+        Lanes {
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            waiting: DelayQueue::new(),
+            in_flight: HashMap::new(),
+            sent: VecDeque::new(),
+            held: 0,
+            cursor: None,
+        }
+    }
+
+    /// Adds an event read from the spool behind the others of its key.
+    fn push(&mut self, seq: u64, envelope: Envelope) {
+        self.cursor = Some(seq);
+        self.held += 1;
+        match self.lanes.get_mut(envelope.routing_key.as_str()) {
+            Some(lane) => lane.events.push_back((seq, envelope)),
+            None => {
+                let key: Arc<str> = Arc::from(envelope.routing_key.as_str());
+                let mut events = VecDeque::with_capacity(1);
+                events.push_back((seq, envelope));
+                self.lanes.insert(
+                    key.clone(),
+                    Lane {
+                        key: key.clone(),
+                        events,
+                        state: LaneState::Ready,
+                        refusals: 0,
+                        returned: None,
+                    },
+                );
+                self.ready.push_back(key);
+            }
+        }
+    }
+
+    /// After a channel is lost: every head in flight goes back to ready.
+    fn channel_lost(&mut self) {
+        for (_, (key, _)) in self.in_flight.drain() {
+            if let Some(lane) = self.lanes.get_mut(&key) {
+                lane.state = LaneState::Ready;
+                lane.returned = None;
+                self.ready.push_back(key);
+            }
+        }
+        self.sent.clear();
+    }
+
+    fn oldest_unconfirmed(&mut self) -> Option<Instant> {
+        while let Some(&(at, seq)) = self.sent.front() {
+            if self.in_flight.contains_key(&seq) {
+                return Some(at);
+            }
+            self.sent.pop_front();
+        }
+        None
     }
 }
 
@@ -100,6 +206,8 @@ async fn run(
     stop: CancellationToken,
 ) {
     let mut failures = 0u32;
+    let mut lanes = Lanes::new();
+    let mut reopens = spool.stats().reopens;
     loop {
         let connection = tokio::select! {
             c = link.connected() => c,
@@ -121,35 +229,43 @@ async fn run(
                 continue;
             }
         };
-        let result = tokio::select! {
-            r = pass(&spool, &channel, &target, &metrics, &mut failures) => r,
-            () = stop.cancelled() => return,
+        let mut pass = Pass {
+            spool: &spool,
+            channel: &channel,
+            target: &target,
+            metrics: &metrics,
+            lanes: &mut lanes,
+            failures: &mut failures,
+            reopens,
         };
-        // A channel that failed once may keep failing (e.g. nacking after a node
-        // loss) while a fresh one works: never reuse it.
+        let result = tokio::select! {
+            r = pass.run(&stop) => r,
+            // A publish blocked by the broker (an alarm) must not hold up a stop.
+            () = stop.cancelled() => PassError::Stopped,
+        };
+        // Never reuse a channel that failed or nacked.
         tokio::spawn(async move {
             let _ = channel
                 .close(200, "republishing on a fresh channel".into())
                 .await;
         });
-        failures = failures.saturating_add(1);
+        lanes.channel_lost();
         let delay = match &result {
-            PassError::Publish(PublishError::Returned { code, text }) => {
-                warn!(code, text = %text, "broker returned an event as unroutable; it stays in the spool and is retried (check the exchange bindings or its alternate exchange)");
-                backoff(target.retry_initial, target.retry_max, failures)
-            }
-            PassError::Publish(PublishError::Nacked) => {
-                warn!(
-                    "broker nacked an event; republishing from the oldest unconfirmed on a fresh channel"
-                );
+            PassError::Stopped => return,
+            PassError::Nacked => Duration::ZERO,
+            PassError::Reopened => {
+                lanes = Lanes::new();
+                reopens = spool.stats().reopens;
                 Duration::ZERO
             }
             PassError::Spool(e) => {
+                failures = failures.saturating_add(1);
                 error!(error = %e, "cannot read the spool");
                 backoff(target.retry_initial, target.retry_max, failures)
             }
             other => {
-                warn!(error = %other, "publishing interrupted; republishing from the oldest unconfirmed");
+                failures = failures.saturating_add(1);
+                warn!(error = %other, "publishing interrupted; republishing the unconfirmed events on a fresh channel");
                 backoff(target.retry_initial, target.retry_max, failures.min(3))
             }
         };
@@ -167,93 +283,203 @@ async fn pause(stop: &CancellationToken, delay: Duration) -> bool {
     }
 }
 
-/// One publishing pass on one channel, from the oldest spooled event on; ends only on failure.
-async fn pass(
-    spool: &Spool,
-    channel: &Channel,
-    target: &Target,
-    metrics: &Metrics,
-    failures: &mut u32,
-) -> PassError {
-    match pass_inner(spool, channel, target, metrics, failures).await {
-        Ok(never) => match never {},
-        Err(e) => e,
+/// Publishing on one channel until it fails.
+struct Pass<'a> {
+    spool: &'a Spool,
+    channel: &'a Channel,
+    target: &'a Target,
+    metrics: &'a Metrics,
+    lanes: &'a mut Lanes,
+    failures: &'a mut u32,
+    reopens: u64,
+}
+
+impl Pass<'_> {
+    async fn run(&mut self, stop: &CancellationToken) -> PassError {
+        let mut confirms: FuturesUnordered<Tracked<u64>> = FuturesUnordered::new();
+        let mut batch = Vec::new();
+        let mut delivered = Vec::new();
+        // The spool has nothing past the cursor as of `known_last`.
+        let mut exhausted = false;
+        let mut known_last = 0u64;
+        let mut nacked = false;
+        loop {
+            if self.spool.stats().reopens != self.reopens {
+                return PassError::Reopened;
+            }
+            // Read more while there is room.
+            if !exhausted && self.lanes.held < self.target.window {
+                let last = self.spool.stats().last_seq.unwrap_or(0);
+                let room = self.target.window - self.lanes.held;
+                let read = match self.spool.read_after(self.lanes.cursor, room).await {
+                    Ok(read) => read,
+                    Err(e) => return e.into(),
+                };
+                if read.len() < room {
+                    exhausted = true;
+                    known_last = last.max(self.lanes.cursor.unwrap_or(0));
+                }
+                for (seq, record) in read {
+                    match Envelope::decode(record) {
+                        Ok(envelope) => self.lanes.push(seq, envelope),
+                        Err(e) => {
+                            // Only a bug or a foreign file gets here; keeping it would block its key.
+                            error!(seq, error = %e, "dropping an undecodable spool record");
+                            self.lanes.cursor = Some(seq);
+                            self.lanes.held += 1;
+                            delivered.push(seq);
+                        }
+                    }
+                }
+            }
+            // Publish the head of every ready lane.
+            while !nacked && let Some(key) = self.lanes.ready.pop_front() {
+                let Some(lane) = self.lanes.lanes.get_mut(&key) else {
+                    continue;
+                };
+                let Some((seq, envelope)) = lane.events.front() else {
+                    continue;
+                };
+                if crate::fault::armed("forwarder.panic").is_some() {
+                    panic!("fault injected: forwarder.panic");
+                }
+                let confirm = match send(self.channel, &self.target.exchange, envelope).await {
+                    Ok(confirm) => confirm,
+                    Err(e) => {
+                        self.lanes.ready.push_front(key);
+                        return e.into();
+                    }
+                };
+                lane.state = LaneState::InFlight;
+                let now = Instant::now();
+                confirms.push(Tracked::new(*seq, confirm));
+                self.lanes.sent.push_back((now, *seq));
+                self.lanes.in_flight.insert(*seq, (key, now));
+            }
+            if !delivered.is_empty() {
+                let seqs = std::mem::take(&mut delivered);
+                let removed = seqs.len();
+                if let Err(e) = self.spool.remove(seqs).await {
+                    return e.into();
+                }
+                self.lanes.held = self.lanes.held.saturating_sub(removed);
+                continue;
+            }
+            if nacked && confirms.is_empty() {
+                return PassError::Nacked;
+            }
+            let stalled_at = self
+                .lanes
+                .oldest_unconfirmed()
+                .map(|at| at + self.target.publish_timeout);
+            let can_read = exhausted && self.lanes.held < self.target.window;
+            tokio::select! {
+                () = stop.cancelled() => return PassError::Stopped,
+                () = settled(&mut confirms, &mut batch), if !confirms.is_empty() => {
+                    nacked |= self.judge(&mut batch, &mut delivered);
+                }
+                Some(expired) = self.lanes.waiting.next(), if !self.lanes.waiting.is_empty() => {
+                    let key = expired.into_inner();
+                    if let Some(lane) = self.lanes.lanes.get_mut(&key) {
+                        lane.state = LaneState::Ready;
+                        self.lanes.ready.push_back(key);
+                    }
+                }
+                r = self.spool.wait_for_new(Some(known_last)), if can_read => {
+                    if let Err(e) = r {
+                        return e.into();
+                    }
+                    exhausted = false;
+                }
+                () = sleep_until(stalled_at), if stalled_at.is_some() => {
+                    return PassError::Timeout(self.target.publish_timeout);
+                }
+            }
+        }
+    }
+
+    /// Settles a batch of resolved confirms: returns first, then each verdict.
+    /// True if the broker nacked (the channel must be replaced).
+    fn judge(
+        &mut self,
+        batch: &mut Vec<(u64, Result<lapin::Confirmation, lapin::Error>)>,
+        delivered: &mut Vec<u64>,
+    ) -> bool {
+        for (_, confirmation) in batch.iter() {
+            let Some(returned) = returned_key(confirmation) else {
+                continue;
+            };
+            // At most one publish per key is in flight: the key names it.
+            if let Some(lane) = self.lanes.lanes.get_mut(returned.routing_key)
+                && lane.state == LaneState::InFlight
+            {
+                lane.returned = Some((returned.code, returned.text.to_string()));
+            }
+        }
+        let mut nacked = false;
+        for (seq, confirmation) in batch.drain(..) {
+            let Some((key, sent_at)) = self.lanes.in_flight.remove(&seq) else {
+                continue;
+            };
+            let Some(lane) = self.lanes.lanes.get_mut(&key) else {
+                continue;
+            };
+            match Verdict::of(confirmation, lane.returned.take(), self.metrics) {
+                Verdict::Delivered => {
+                    self.metrics
+                        .publish_confirm
+                        .observe(sent_at.elapsed().as_secs_f64());
+                    if *self.failures > 0 {
+                        info!("forwarding again");
+                        *self.failures = 0;
+                    }
+                    lane.events.pop_front();
+                    lane.refusals = 0;
+                    delivered.push(seq);
+                    if lane.events.is_empty() {
+                        self.lanes.lanes.remove(&key);
+                    } else {
+                        lane.state = LaneState::Ready;
+                        self.lanes.ready.push_back(key);
+                    }
+                }
+                Verdict::Failed(e) => {
+                    // The channel is gone; the pass ends on the next send or timeout.
+                    warn!(error = %e, "publish failed");
+                    lane.state = LaneState::Ready;
+                    self.lanes.ready.push_back(key);
+                    nacked = true;
+                }
+                refused => {
+                    lane.refusals = lane.refusals.saturating_add(1);
+                    let delay = backoff(
+                        self.target.retry_initial,
+                        self.target.retry_max,
+                        lane.refusals,
+                    );
+                    match &refused {
+                        Verdict::Returned { code, text } => warn!(
+                            routing_key = %lane.key, code, text = %text, retry_in = ?delay,
+                            "broker returned an event as unroutable; it stays in the spool (check the bindings or the alternate exchange)"
+                        ),
+                        _ => {
+                            nacked = true;
+                            warn!(routing_key = %lane.key, retry_in = ?delay, "broker nacked an event; republishing it on a fresh channel");
+                        }
+                    }
+                    lane.state = LaneState::Waiting;
+                    self.lanes.waiting.insert(key, delay);
+                }
+            }
+        }
+        nacked
     }
 }
 
-async fn pass_inner(
-    spool: &Spool,
-    channel: &Channel,
-    target: &Target,
-    metrics: &Metrics,
-    failures: &mut u32,
-) -> Result<std::convert::Infallible, PassError> {
-    let mut cursor: Option<u64> = None;
-    // A spool reopen after a disk error can bring back removed records below the
-    // cursor; a new pass from the oldest picks them up.
-    let reopens = spool.stats().reopens;
-    let mut in_flight: VecDeque<(u64, Instant, PublisherConfirm)> =
-        VecDeque::with_capacity(target.window);
-    let mut delivered = Vec::with_capacity(target.window);
-    loop {
-        // Fill the window with the next events in order.
-        if in_flight.len() < target.window {
-            let batch = spool
-                .read_after(cursor, target.window - in_flight.len())
-                .await?;
-            if batch.is_empty() && in_flight.is_empty() {
-                spool.wait_for_new(cursor).await?;
-                continue;
-            }
-            for (seq, record) in batch {
-                cursor = Some(seq);
-                let envelope = match Envelope::decode(record) {
-                    Ok(envelope) => envelope,
-                    Err(e) => {
-                        // Only a bug or a foreign file gets here; keeping it would block every later event.
-                        error!(seq, error = %e, "dropping an undecodable spool record");
-                        delivered.push(seq);
-                        continue;
-                    }
-                };
-                let confirm = send(channel, &target.exchange, &envelope).await?;
-                in_flight.push_back((seq, Instant::now(), confirm));
-            }
-        }
-        // Wait for the oldest confirm, then take every confirm already there.
-        if let Some((seq, sent_at, confirm)) = in_flight.pop_front() {
-            let left = target.publish_timeout.saturating_sub(sent_at.elapsed());
-            let confirmation = tokio::time::timeout(left, confirm)
-                .await
-                .map_err(|_| PublishError::Timeout(target.publish_timeout))??;
-            outcome(confirmation, metrics)?;
-            metrics
-                .publish_confirm
-                .observe(sent_at.elapsed().as_secs_f64());
-            delivered.push(seq);
-        }
-        while let Some((_, _, confirm)) = in_flight.front_mut() {
-            let Some(confirmation) = confirm.now_or_never() else {
-                break;
-            };
-            let Some((seq, sent_at, _)) = in_flight.pop_front() else {
-                break;
-            };
-            outcome(confirmation?, metrics)?;
-            metrics
-                .publish_confirm
-                .observe(sent_at.elapsed().as_secs_f64());
-            delivered.push(seq);
-        }
-        if !delivered.is_empty() {
-            if *failures > 0 {
-                info!("forwarding again");
-                *failures = 0;
-            }
-            spool.remove(std::mem::take(&mut delivered)).await?;
-        }
-        if spool.stats().reopens != reopens {
-            return Err(PassError::Spool(SpoolError::Closed));
-        }
+/// Sleeps until `at`, or for ever when there is nothing to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -28,7 +28,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             telemetry::init(&settings.log);
             let app = Application::build(settings).await.context("cannot start")?;
-            app.run_until_stopped(shutdown_signal()).await;
+            let result = app.run_until_stopped(shutdown_signal()).await;
+            // Exit now: the runtime's drop would wait for blocking threads (a stalled
+            // fsync), and the shutdown is promised within the grace period.
+            std::process::exit(match result {
+                Ok(()) => 0,
+                Err(failure) => {
+                    eprintln!("cellosign-bridge: {failure}");
+                    1
+                }
+            });
         }
         Command::CheckConfig => print!("{}", settings.redacted_toml()),
         Command::Tail { binding } => tail::run(&settings, &binding).await?,

@@ -2,18 +2,22 @@
 //! the broker's answer means. Shared by the forwarder (spooled mode) and the
 //! direct publisher (confirmed mode).
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection};
 use lapin::{Confirmation, PublisherConfirm};
-use tokio::sync::Mutex;
 
-use crate::broker::Link;
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
+
+pub use crate::confirmed::DirectPublisher;
 
 /// `app_id` of every published message.
 pub const APP_ID: &str = "cellosign-bridge";
@@ -107,98 +111,119 @@ pub async fn send(
         .await
 }
 
-/// Only a plain ack is a delivery: an ack carrying a returned message was not routed.
-pub fn outcome(confirmation: Confirmation, metrics: &Metrics) -> Result<(), PublishError> {
+/// A publisher confirm with the caller's tag, so a set of them can be awaited together.
+pub struct Tracked<T> {
+    tag: T,
+    confirm: PublisherConfirm,
+}
+
+impl<T: Copy + Unpin> Tracked<T> {
+    /// Tags `confirm` with `tag`.
+    pub fn new(tag: T, confirm: PublisherConfirm) -> Self {
+        Tracked { tag, confirm }
+    }
+}
+
+impl<T: Copy + Unpin> Future for Tracked<T> {
+    type Output = (T, Result<Confirmation, lapin::Error>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let tag = self.tag;
+        Pin::new(&mut self.confirm).poll(cx).map(|r| (tag, r))
+    }
+}
+
+/// Waits for at least one confirm of `set`, then takes every other one already resolved.
+///
+/// lapin hands a `basic.return` to whichever confirm it resolves next, not to the
+/// publish it belongs to. The broker sends a return before the ack of the same
+/// publish, so by the time that publish's confirm has resolved, the confirm that
+/// carries its return has resolved too (it is the same one or an earlier one). Judging
+/// a whole batch of resolved confirms at once, and matching returns by the message
+/// itself ([`returned_key`]), therefore never credits a returned publish as delivered.
+pub async fn settled<T: Copy + Unpin>(
+    set: &mut FuturesUnordered<Tracked<T>>,
+    out: &mut Vec<(T, Result<Confirmation, lapin::Error>)>,
+) {
+    if let Some(first) = set.next().await {
+        out.push(first);
+    }
+    while let Some(Some(next)) = set.next().now_or_never() {
+        out.push(next);
+    }
+}
+
+/// What identifies a returned message: its routing key and message id.
+pub fn returned_key(confirmation: &Result<Confirmation, lapin::Error>) -> Option<ReturnedKey<'_>> {
     match confirmation {
-        Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-            metrics.broker_returns.inc();
-            Err(PublishError::Returned {
+        Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))) => {
+            Some(ReturnedKey {
+                routing_key: returned.routing_key.as_str(),
+                message_id: returned
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str()),
                 code: returned.reply_code,
-                text: returned.reply_text.to_string(),
+                text: returned.reply_text.as_str(),
             })
         }
-        Confirmation::Nack(None) => {
-            metrics.broker_nacks.inc();
-            Err(PublishError::Nacked)
-        }
-        // confirm_select was not in effect: nothing was confirmed.
-        Confirmation::NotRequested => Err(PublishError::Nacked),
+        _ => None,
     }
 }
 
-/// Confirmed mode: publishes each request's event and waits for its confirm.
-///
-/// Requests share one channel and publish pipelined; the lock only covers
-/// getting the channel, never a confirm. A channel that nacked is replaced,
-/// since after a node loss such a channel can keep nacking while a fresh one works.
-pub struct DirectPublisher {
-    link: Link,
-    exchange: String,
-    timeout: Duration,
-    metrics: Arc<Metrics>,
-    channel: Mutex<Option<Channel>>,
+/// A returned message, as [`returned_key`] reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct ReturnedKey<'a> {
+    pub routing_key: &'a str,
+    pub message_id: Option<&'a str>,
+    pub code: u16,
+    pub text: &'a str,
 }
 
-impl DirectPublisher {
-    /// A publisher on `link`; `timeout` bounds each publish from start to confirm.
-    pub fn new(link: Link, exchange: String, timeout: Duration, metrics: Arc<Metrics>) -> Self {
-        DirectPublisher {
-            link,
-            exchange,
-            timeout,
-            metrics,
-            channel: Mutex::new(None),
-        }
-    }
+/// The broker's verdict on one publish once returns are matched to their own publish.
+#[derive(Debug)]
+pub enum Verdict {
+    /// A plain ack: delivered.
+    Delivered,
+    /// Nacked (or confirms were off): publish again, on a fresh channel.
+    Nacked,
+    /// Returned as unroutable: publish again later.
+    Returned { code: u16, text: String },
+    /// The channel or connection failed before an answer.
+    Failed(lapin::Error),
+}
 
-    /// Publishes and waits for a plain ack, at most the publish timeout.
-    pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
-        let started = Instant::now();
-        let mut used = None;
-        let attempt = async {
-            let channel = self.channel().await?;
-            used = Some(channel.id());
-            let confirm = send(&channel, &self.exchange, envelope).await?;
-            outcome(confirm.await?, &self.metrics)
-        };
-        let result = match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) if self.link.connection().is_none() => Err(PublishError::Unreachable),
-            Err(_) => Err(PublishError::Timeout(self.timeout)),
-        };
-        match &result {
-            Ok(()) => self
-                .metrics
-                .publish_confirm
-                .observe(started.elapsed().as_secs_f64()),
-            Err(PublishError::Returned { .. }) | Err(PublishError::Unreachable) => {}
-            // The channel may be the problem: the next publish opens a fresh one,
-            // unless another request already replaced it.
-            Err(_) => {
-                let mut slot = self.channel.lock().await;
-                if used.is_some() && slot.as_ref().map(Channel::id) == used {
-                    *slot = None;
-                }
+impl Verdict {
+    /// The verdict on a resolved confirm, given whether its message was returned
+    /// (to it or to a neighbour); counts nacks and returns.
+    pub fn of(
+        confirmation: Result<Confirmation, lapin::Error>,
+        returned: Option<(u16, String)>,
+        metrics: &Metrics,
+    ) -> Verdict {
+        match (confirmation, returned) {
+            (Err(e), _) => Verdict::Failed(e),
+            (Ok(Confirmation::Ack(_)), Some((code, text))) => {
+                metrics.broker_returns.inc();
+                Verdict::Returned { code, text }
+            }
+            (Ok(Confirmation::Ack(_)), None) => Verdict::Delivered,
+            (Ok(Confirmation::Nack(_) | Confirmation::NotRequested), _) => {
+                metrics.broker_nacks.inc();
+                Verdict::Nacked
             }
         }
-        result
     }
 
-    async fn channel(&self) -> Result<Channel, PublishError> {
-        // Rides out a reconnect (or the start) within the publish timeout
-        // instead of failing at once; the caller's timeout bounds the wait.
-        let connection = match self.link.connection() {
-            Some(connection) => connection,
-            None => self.link.connected().await,
-        };
-        let mut slot = self.channel.lock().await;
-        if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
-            return Ok(channel.clone());
+    /// As the error a caller sees, `None` when delivered.
+    pub fn into_error(self) -> Option<PublishError> {
+        match self {
+            Verdict::Delivered => None,
+            Verdict::Nacked => Some(PublishError::Nacked),
+            Verdict::Returned { code, text } => Some(PublishError::Returned { code, text }),
+            Verdict::Failed(e) => Some(PublishError::Broker(e)),
         }
-        let channel = confirm_channel(&connection).await?;
-        *slot = Some(channel.clone());
-        Ok(channel)
     }
 }
 

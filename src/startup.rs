@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::publish::DirectPublisher;
 use crate::server::{ServerLimits, TlsError, serve, tls_acceptor};
 use crate::spool::{Spool, SpoolError};
+use crate::supervisor::{Failure, Supervisor};
 
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,10 +52,11 @@ pub struct Application {
     admin: TcpListener,
     ingress: Arc<Ingress>,
     admin_handler: Arc<Admin>,
-    link_stop: CancellationToken,
-    link_task: JoinHandle<()>,
     spool: Option<Spool>,
     forwarder: Option<Forwarder>,
+    supervisor: Supervisor,
+    /// Stops the broker link and the confirmed-mode publisher, last of the background work.
+    broker_stop: CancellationToken,
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -66,25 +67,33 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
 
 impl Application {
     /// Binds both listeners, opens the spool, starts the broker link and forwarder.
+    /// Everything that can fail is done before the first task starts, so a failed
+    /// build leaves nothing running.
     pub async fn build(settings: Settings) -> Result<Application, StartError> {
         let tls = match &settings.http.tls {
             Some(tls) => Some(tls_acceptor(&tls.cert_file, &tls.key_file)?),
             None => None,
         };
+        let template: RoutingKeyTemplate = settings.amqp.routing_key.parse()?;
         let http = bind("http.listen", settings.http.listen).await?;
         let admin = bind("admin.listen", settings.admin.listen).await?;
-        let metrics = Arc::new(Metrics::new());
+        let spool = match settings.delivery.ack {
+            AckMode::Spooled => Some(Spool::open(&settings.spool.dir, settings.spool.max_bytes)?),
+            AckMode::Confirmed => None,
+        };
 
-        let link_stop = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new());
+        let supervisor = Supervisor::new();
+        let broker_stop = supervisor.child_token();
         let (link, link_task) = Link::start(
             settings.amqp.clone(),
             metrics.clone(),
-            link_stop.clone().cancelled_owned(),
+            broker_stop.clone().cancelled_owned(),
         );
+        supervisor.watch("broker link", broker_stop.clone(), link_task);
 
-        let (delivery, spool, forwarder) = match settings.delivery.ack {
-            AckMode::Spooled => {
-                let spool = Spool::open(&settings.spool.dir, settings.spool.max_bytes)?;
+        let (delivery, forwarder) = match &spool {
+            Some(spool) => {
                 let stats = spool.stats();
                 if stats.events > 0 {
                     info!(
@@ -93,22 +102,27 @@ impl Application {
                         "spool holds events from before; forwarding them first"
                     );
                 }
-                let forwarder =
-                    Forwarder::start(spool.clone(), link.clone(), &settings.amqp, metrics.clone());
-                (
-                    Delivery::Spooled(spool.clone()),
-                    Some(spool),
-                    Some(forwarder),
-                )
+                let stop = supervisor.child_token();
+                let (forwarder, task) = Forwarder::start(
+                    spool.clone(),
+                    link.clone(),
+                    &settings.amqp,
+                    metrics.clone(),
+                    stop.clone(),
+                );
+                supervisor.watch("forwarder", stop, task);
+                (Delivery::Spooled(spool.clone()), Some(forwarder))
             }
-            AckMode::Confirmed => {
-                let publisher = DirectPublisher::new(
+            None => {
+                let (publisher, task) = DirectPublisher::start(
                     link.clone(),
                     settings.amqp.exchange.clone(),
                     Duration::from_millis(settings.amqp.publish_timeout_ms),
                     metrics.clone(),
+                    broker_stop.clone(),
                 );
-                (Delivery::Confirmed(Box::new(publisher)), None, None)
+                supervisor.watch("publisher", broker_stop.clone(), task);
+                (Delivery::Confirmed(Box::new(publisher)), None)
             }
         };
 
@@ -116,7 +130,6 @@ impl Application {
         if auth.is_open() {
             warn!("auth.tokens is empty: anyone who can reach the webhook can post events");
         }
-        let template: RoutingKeyTemplate = settings.amqp.routing_key.parse()?;
         let policy = Policy::new(settings.events.accept.clone(), template);
         let dedup = Dedup::new(
             Duration::from_secs(settings.events.dedup_window_s),
@@ -141,6 +154,7 @@ impl Application {
             link,
             spool.clone().map(|s| (s, settings.spool.max_bytes)),
             metrics,
+            supervisor.clone(),
         ));
         Ok(Application {
             settings,
@@ -149,10 +163,10 @@ impl Application {
             admin,
             ingress,
             admin_handler,
-            link_stop,
-            link_task,
             spool,
             forwarder,
+            supervisor,
+            broker_stop,
         })
     }
 
@@ -168,10 +182,14 @@ impl Application {
             .unwrap_or(self.settings.admin.listen)
     }
 
-    /// Serves until `shutdown` resolves, then stops in order: stop accepting,
-    /// finish requests in flight, forward what can be forwarded within
-    /// `shutdown.grace_ms`, keep the rest in the spool.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` resolves or a background task fails, then stops in
+    /// order within `shutdown.grace_ms`: stop accepting, finish requests in flight,
+    /// forward what can be forwarded, keep the rest in the spool. Returns the
+    /// failure, if one caused the stop.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Failure> {
         let grace = Duration::from_millis(self.settings.shutdown.grace_ms);
         let header_read_timeout = Duration::from_millis(self.settings.http.header_read_timeout_ms);
         let limits = ServerLimits {
@@ -182,23 +200,32 @@ impl Application {
         };
         // Actual addresses: with port 0 in the settings, tests learn the ports from this line.
         let (http_addr, admin_addr) = (self.http_addr(), self.admin_addr());
-        let public_stop = CancellationToken::new();
-        let admin_stop = CancellationToken::new();
-        let public = tokio::spawn(serve(
-            self.http,
-            self.tls,
-            self.ingress,
-            limits,
-            public_stop.clone().cancelled_owned(),
-        ));
+        let supervisor = self.supervisor;
+        let public_stop = supervisor.child_token();
+        let admin_stop = supervisor.child_token();
+        supervisor.spawn_critical(
+            "public listener",
+            public_stop.clone(),
+            serve(
+                self.http,
+                self.tls,
+                self.ingress,
+                limits,
+                public_stop.clone().cancelled_owned(),
+            ),
+        );
         let admin_handler = self.admin_handler.clone();
-        let admin = tokio::spawn(serve(
-            self.admin,
-            None,
-            self.admin_handler,
-            limits,
-            admin_stop.clone().cancelled_owned(),
-        ));
+        supervisor.spawn_critical(
+            "admin listener",
+            admin_stop.clone(),
+            serve(
+                self.admin,
+                None,
+                self.admin_handler,
+                limits,
+                admin_stop.clone().cancelled_owned(),
+            ),
+        );
         info!(
             http = %http_addr,
             path = %self.settings.http.path,
@@ -207,31 +234,54 @@ impl Application {
             "cellosign-bridge serving"
         );
 
-        shutdown.await;
-        admin_handler.set_draining();
+        tokio::select! {
+            () = shutdown => {}
+            () = supervisor.failed() => {}
+        }
         let deadline = Instant::now() + grace;
+        admin_handler.set_draining();
         info!(
             grace_ms = self.settings.shutdown.grace_ms,
             "shutting down: no new requests"
         );
         public_stop.cancel();
-        let _ = public.await;
-        if let Some(forwarder) = self.forwarder {
+        if let Some(forwarder) = &self.forwarder {
             forwarder.drain_until(deadline).await;
         }
-        self.link_stop.cancel();
-        let _ = self.link_task.await;
+        self.broker_stop.cancel();
         if let Some(spool) = self.spool {
             let left = spool.stats().events;
             if left > 0 {
                 info!(events = left, "events kept in the spool for the next start");
             }
-            if let Err(e) = spool.shutdown().await {
-                warn!(error = %e, "closing the spool");
+            // A stalled disk must not hold the exit: what is committed is safe anyway.
+            let close =
+                tokio::time::timeout_at(deadline.max(Instant::now() + CLOSE_MIN), spool.shutdown());
+            match close.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "closing the spool"),
+                Err(_) => warn!("the spool did not close in time; its committed events are safe"),
             }
         }
         admin_stop.cancel();
-        let _ = admin.await;
-        info!("stopped");
+        supervisor.cancel_all();
+        let wait_until = deadline.max(Instant::now()) + CLOSE_MIN;
+        if tokio::time::timeout_at(wait_until, supervisor.wait())
+            .await
+            .is_err()
+        {
+            warn!("some tasks did not stop in time; exiting anyway");
+        }
+        match supervisor.failure() {
+            Some(failure) => Err(failure),
+            None => {
+                info!("stopped");
+                Ok(())
+            }
+        }
     }
 }
+
+/// Time always given to the last steps of a shutdown (closing the spool, ending
+/// tasks), even when the grace period is spent: part of the promised extra second.
+const CLOSE_MIN: Duration = Duration::from_millis(300);

@@ -52,7 +52,22 @@ async fn vectors_through(mode: AckMode) {
         }
     }
     let got = take(&mut consumer, accepted.len(), WAIT).await;
-    for (case, d) in accepted.iter().zip(&got) {
+    // Order is promised per reference, not across references: pair each delivery
+    // with the oldest unmatched accepted case of its routing key.
+    let mut pending: Vec<Option<&serde_json::Value>> = accepted.iter().map(Some).collect();
+    let pairs: Vec<_> = got
+        .iter()
+        .map(|d| {
+            let slot = pending
+                .iter_mut()
+                .find(|c| {
+                    c.is_some_and(|c| c["routing_key"].as_str() == Some(d.routing_key.as_str()))
+                })
+                .unwrap_or_else(|| panic!("unexpected delivery for {}", d.routing_key));
+            (slot.take().unwrap(), d)
+        })
+        .collect();
+    for (case, d) in pairs {
         let name = case["name"].as_str().unwrap();
         let body = case["body"].as_str().unwrap();
         assert_eq!(d.data, body.as_bytes(), "{name}: body byte for byte");

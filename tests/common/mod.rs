@@ -65,7 +65,7 @@ pub struct TestApp {
     pub settings: Settings,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    task: Option<JoinHandle<Result<(), cellosign_bridge::supervisor::Failure>>>,
     _spool: tempfile::TempDir,
 }
 
@@ -161,8 +161,10 @@ impl TestApp {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        if let Some(task) = self.task.take() {
-            task.await.expect("app task");
+        if let Some(task) = self.task.take()
+            && let Err(failure) = task.await.expect("app task")
+        {
+            panic!("the application failed: {failure}");
         }
         let url = &self.settings.amqp.urls[0];
         let connect = Connection::connect(url, ConnectionProperties::default());

@@ -1,0 +1,279 @@
+//! The bridge as a process: no work at rest, a bounded shutdown whatever the
+//! broker does, and an exit non-zero when a background task dies (SPEC 6 "At
+//! rest, no work", "Shutdown is bounded", "Supervision").
+
+mod common;
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use support::bridge_process::BridgeProcess;
+use support::rabbit_node::RabbitNode;
+use support::tcp_proxy::{CutMode, TcpProxy};
+
+const TOKEN: &str = "lifecycle-token";
+const GRACE_MS: u64 = 3000;
+
+/// A hung test fails with a message instead of holding CI.
+async fn bounded(test: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(240), test)
+        .await
+        .expect("test did not finish within 240 s");
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Posts `n` distinct events of reference `reference`; returns their message ids.
+async fn post_events(bridge: &BridgeProcess, tag: &str, reference: &str, n: u64) -> Vec<String> {
+    let client = client();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = client
+            .post(bridge.url(TOKEN))
+            .header("content-type", "application/json")
+            .body(event_body("WHEF_SESSION_CREATED", tag, reference, i))
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        ids.push(message_id("WHEF_SESSION_CREATED", tag, i));
+    }
+    ids
+}
+
+async fn readyz(bridge: &BridgeProcess) -> Option<(u16, String)> {
+    let r = client()
+        .get(format!("http://{}/readyz", bridge.admin))
+        .send()
+        .await
+        .ok()?;
+    let code = r.status().as_u16();
+    Some((code, r.text().await.unwrap_or_default()))
+}
+
+async fn wait_connected(bridge: &BridgeProcess) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((200, body)) = readyz(bridge).await
+            && body.contains("\"connected\":true")
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "bridge never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_spool_empty(bridge: &BridgeProcess) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((_, body)) = readyz(bridge).await
+            && body.contains("\"events\":0,")
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "spool never emptied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends SIGTERM and returns how long the process took to exit, and its exit code.
+fn terminate(bridge: &mut BridgeProcess) -> (Duration, Option<i32>) {
+    let started = Instant::now();
+    bridge.signal("TERM");
+    let status = bridge.wait_exit(Duration::from_secs(60));
+    let took = started.elapsed();
+    eprintln!("exit {took:?} after SIGTERM");
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "still running 60 s after SIGTERM (grace {GRACE_MS} ms); log:\n{}",
+            bridge.log()
+        )
+    });
+    (took, status.code())
+}
+
+/// The promise is grace + 1 s; the rest is room for a loaded CI machine.
+fn assert_bounded(took: Duration, what: &str) {
+    let bound = Duration::from_millis(GRACE_MS) + Duration::from_secs(1);
+    assert!(
+        took <= bound + Duration::from_millis(1500),
+        "{what}: exit took {took:?}, promised within {bound:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_rest_after_a_restart_on_a_used_spool_the_bridge_uses_no_cpu() {
+    bounded(async {
+        let exchange = unique("rest");
+        let spool = tempfile::tempdir().expect("temp dir");
+        let broker = Broker::connect(&amqp_url()).await;
+        {
+            let mut first = BridgeProcess::start(spool.path(), &amqp_url(), &exchange, TOKEN, &[]);
+            wait_connected(&first).await;
+            post_events(&first, "rest", "r-rest", 20).await;
+            wait_spool_empty(&first).await;
+            // A clean stop makes the removals durable: the next start finds an empty
+            // spool whose sequence numbers are past zero.
+            let (_, code) = terminate(&mut first);
+            assert_eq!(code, Some(0));
+        }
+        // The spool has held events; a new process on it must sleep until one comes.
+        let second = BridgeProcess::start(spool.path(), &amqp_url(), &exchange, TOKEN, &[]);
+        wait_connected(&second).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = second.cpu_time();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let used = second.cpu_time() - before;
+        // 1% of a core over 5 s is 50 ms; a loop burns seconds.
+        assert!(
+            used <= Duration::from_millis(150),
+            "idle bridge used {used:?} of CPU in 5 s"
+        );
+        drop(second);
+        broker.cleanup(&exchange).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_in_time_while_an_alarm_blocks_publishing_and_keeps_every_event() {
+    bounded(async {
+        let node = RabbitNode::start().await.expect("private RabbitMQ node");
+        let exchange = unique("alarm");
+        let queue = unique("alarm.q");
+        let spool = tempfile::tempdir().expect("temp dir");
+        let broker = Broker::connect(&node.amqp_url()).await;
+        broker.declare_exchange(&exchange).await;
+        broker.durable_queue(&exchange, &queue, "#").await;
+        let grace = GRACE_MS.to_string();
+        let env = [("BRIDGE_SHUTDOWN__GRACE_MS", grace.as_str())];
+        // The alarm is on before the bridge connects: every publish it tries is blocked.
+        node.set_memory_alarm(true).await.expect("memory alarm on");
+        let mut bridge =
+            BridgeProcess::start(spool.path(), &node.amqp_url(), &exchange, TOKEN, &env);
+        let ids = post_events(&bridge, "alarm", "r-alarm", 30).await;
+        // Let the forwarder run into the blocked connection.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (took, code) = terminate(&mut bridge);
+        assert_eq!(code, Some(0), "exit code; log:\n{}", bridge.log());
+        assert_bounded(took, "memory alarm");
+
+        node.set_memory_alarm(false)
+            .await
+            .expect("memory alarm off");
+        let _second = BridgeProcess::start(spool.path(), &node.amqp_url(), &exchange, TOKEN, &env);
+        let mut consumer = broker.consume(&queue).await;
+        // Duplicates are allowed (a publish may have landed before the block); gaps are not.
+        let wanted: BTreeSet<String> = ids.into_iter().collect();
+        let mut got = BTreeSet::new();
+        while !wanted.is_subset(&got) {
+            let d = take(&mut consumer, 1, Duration::from_secs(60)).await;
+            got.extend(
+                d.iter()
+                    .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string())),
+            );
+        }
+        assert_eq!(got, wanted);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_in_time_with_a_black_holed_broker() {
+    bounded(async {
+        let target = amqp_url();
+        let port: u16 = target
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(5672);
+        let proxy = TcpProxy::to_port(port).await.expect("proxy");
+        let exchange = unique("hole");
+        let spool = tempfile::tempdir().expect("temp dir");
+        let grace = GRACE_MS.to_string();
+        let env = [("BRIDGE_SHUTDOWN__GRACE_MS", grace.as_str())];
+        let mut bridge =
+            BridgeProcess::start(spool.path(), &proxy.amqp_url(), &exchange, TOKEN, &env);
+        wait_connected(&bridge).await;
+        proxy.cut(CutMode::Blackhole).await;
+        post_events(&bridge, "hole", "r-hole", 10).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (took, code) = terminate(&mut bridge);
+        assert_eq!(code, Some(0), "exit code; log:\n{}", bridge.log());
+        assert_bounded(took, "black hole");
+        proxy.restore();
+        let events = cellosign_bridge::spool::Spool::inspect(spool.path())
+            .expect("spool readable after exit")
+            .events;
+        assert_eq!(events, 10, "every unforwarded event stays in the spool");
+        let broker = Broker::connect(&amqp_url()).await;
+        broker.cleanup(&exchange).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_background_task_turns_readiness_503_and_the_process_exits_non_zero() {
+    bounded(async {
+        for fault in ["forwarder.panic", "link.panic"] {
+            let exchange = unique("supervised");
+            let spool = tempfile::tempdir().expect("temp dir");
+            let grace = GRACE_MS.to_string();
+            let env = [
+                ("BRIDGE_SHUTDOWN__GRACE_MS", grace.as_str()),
+                (cellosign_bridge::fault::ENV, fault),
+            ];
+            let mut bridge =
+                BridgeProcess::start(spool.path(), &amqp_url(), &exchange, TOKEN, &env);
+            // The link dies on connecting; the forwarder on its first publish.
+            if fault == "forwarder.panic" {
+                wait_connected(&bridge).await;
+                post_events(&bridge, "sup", "r-sup", 1).await;
+            }
+            let started = Instant::now();
+            let mut saw_503 = false;
+            while started.elapsed() < Duration::from_secs(10) {
+                match readyz(&bridge).await {
+                    Some((503, body)) if body.contains("stopped unexpectedly") => {
+                        saw_503 = true;
+                        break;
+                    }
+                    None => break,
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            let status = bridge
+                .wait_exit(Duration::from_millis(GRACE_MS) + Duration::from_secs(10))
+                .unwrap_or_else(|| {
+                    panic!("{fault}: the bridge kept running; log:\n{}", bridge.log())
+                });
+            assert!(
+                !status.success(),
+                "{fault}: exit status {status:?} after a task died"
+            );
+            let log = bridge.log();
+            assert!(
+                log.contains("a background task stopped"),
+                "{fault}: no failure logged:\n{log}"
+            );
+            // The forwarder case leaves an event in the spool, so the drain keeps the
+            // process up long enough to see readiness report the failure.
+            if fault == "forwarder.panic" {
+                assert!(saw_503, "{fault}: readiness never reported the failure");
+            }
+            let broker = Broker::connect(&amqp_url()).await;
+            broker.cleanup(&exchange).await;
+        }
+    })
+    .await;
+}

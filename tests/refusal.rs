@@ -1,0 +1,415 @@
+//! When the broker refuses (nack from a full queue, return of an unroutable
+//! message), order per reference holds, the bridge backs off instead of
+//! spinning, and in `confirmed` mode each request learns its own publish's fate
+//! (SPEC 6 "Order under refusal", "Backoff on refusal", "Returns in confirmed mode").
+
+mod common;
+mod support;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellosign_bridge::config::AckMode;
+use common::*;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use support::bridge_process::BridgeProcess;
+
+/// A hung test fails with a message instead of holding CI.
+async fn bounded(test: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(240), test)
+        .await
+        .expect("test did not finish within 240 s");
+}
+
+/// A classic queue that holds at most `max` messages and nacks publishes beyond
+/// that (`x-overflow = reject-publish`), bound to `exchange` with `#`.
+async fn full_queue(broker: &Broker, exchange: &str, name: &str, max: i64) {
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(max));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    broker
+        .channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                auto_delete: false,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare the bounded queue");
+    broker
+        .channel
+        .queue_bind(
+            name.into(),
+            exchange.into(),
+            "#".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind the bounded queue");
+}
+
+async fn delete_queue(broker: &Broker, name: &str) {
+    let _ = broker
+        .channel
+        .queue_delete(name.into(), Default::default())
+        .await;
+}
+
+/// The message ids in the order of their first delivery.
+fn first_copies(ids: &[String]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    ids.iter().filter(|id| seen.insert(*id)).cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_holds_when_a_full_queue_nacks() {
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.amqp.reconnect_initial_ms = 20;
+            s.amqp.reconnect_max_ms = 200;
+        })
+        .await;
+        let exchange = app.settings.amqp.exchange.clone();
+        let broker = Broker::connect(&amqp_url()).await;
+        broker.declare_exchange(&exchange).await;
+        let queue = unique("full");
+        full_queue(&broker, &exchange, &queue, 3).await;
+
+        let mut expected = Vec::new();
+        for n in 0..90 {
+            let answer = app
+                .post_json(&event_body("WHEF_SESSION_CREATED", "s-hot", "hot", n))
+                .await;
+            assert_eq!(answer.code, 200, "{}", answer.errordesc);
+            expected.push(message_id("WHEF_SESSION_CREATED", "s-hot", n));
+        }
+
+        // A slow consumer: the queue stays full, so the broker keeps nacking.
+        let consumer_channel = broker.connection.create_channel().await.expect("channel");
+        consumer_channel
+            .basic_qos(1, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = consumer_channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let mut ids = Vec::new();
+        let wanted: BTreeSet<&String> = expected.iter().collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
+        while first_copies(&ids).len() < expected.len() {
+            let delivery = tokio::time::timeout_at(deadline, consumer.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("only {} of 90 events arrived", first_copies(&ids).len())
+                })
+                .expect("consumer open")
+                .expect("delivery");
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            assert!(wanted.contains(&id), "unexpected message {id}");
+            ids.push(id);
+            delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        }
+        let firsts = first_copies(&ids);
+        if let Some(at) = (0..expected.len()).find(|&i| firsts[i] != expected[i]) {
+            panic!(
+                "first copies out of order from position {at}: got {} where {} was due ({} deliveries in all)",
+                firsts[at],
+                expected[at],
+                ids.len()
+            );
+        }
+        drop(consumer);
+        delete_queue(&broker, &queue).await;
+        app.stop().await;
+    })
+    .await;
+}
+
+/// The counter `name` as /metrics shows it (summed over labels).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_keeps_refusing_costs_little_cpu_and_every_nack_is_counted() {
+    bounded(async {
+        let exchange = unique("refuse");
+        let queue = unique("refuse.q");
+        let broker = Broker::connect(&amqp_url()).await;
+        broker.declare_exchange(&exchange).await;
+        full_queue(&broker, &exchange, &queue, 1).await;
+        let spool = tempfile::tempdir().expect("temp dir");
+        let token = "refusal-token";
+        let bridge = BridgeProcess::start(
+            spool.path(),
+            &amqp_url(),
+            &exchange,
+            token,
+            &[("BRIDGE_AMQP__RECONNECT_MAX_MS", "2000")],
+        );
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        for n in 0..64u64 {
+            let reference = format!("ref-{}", n % 16);
+            let r = client
+                .post(bridge.url(token))
+                .header("content-type", "application/json")
+                .body(event_body("WHEF_SESSION_CREATED", "s-refuse", &reference, n))
+                .send()
+                .await
+                .expect("post");
+            assert_eq!(r.status(), 200);
+        }
+        // Let the first refusals happen, then measure while the broker goes on refusing.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = bridge.cpu_time();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let used = bridge.cpu_time() - before;
+        let metrics = client
+            .get(format!("http://{}/metrics", bridge.admin))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        let nacks = metric(&metrics, "cellosign_bridge_broker_nacks_total");
+        assert!(nacks > 0.0, "no nack counted:\n{metrics}");
+        assert!(
+            used < Duration::from_millis(400),
+            "the bridge used {used:?} of CPU in 4 s while the broker refused (more than 10% of a core)"
+        );
+        drop(bridge);
+        delete_queue(&broker, &queue).await;
+        broker.cleanup(&exchange).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_mode_answers_each_request_by_its_own_publish() {
+    bounded(async {
+        // The operators' exchange: no alternate exchange, one queue for `ok.#`.
+        let exchange = unique("returns");
+        let queue = unique("returns.q");
+        let broker = Broker::connect(&amqp_url()).await;
+        broker
+            .channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("exchange");
+        broker
+            .channel
+            .queue_declare(
+                queue.as_str().into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        broker
+            .channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "ok.#".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let app = Arc::new(
+            spawn_app(AckMode::Confirmed, |s| {
+                s.amqp.declare = false;
+                s.amqp.exchange = exchange.clone();
+            })
+            .await,
+        );
+        app.wait_ready(true, Duration::from_secs(20)).await;
+
+        let mut senders = Vec::new();
+        for sender in 0..16u64 {
+            let app = app.clone();
+            senders.push(tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for n in 0..60u64 {
+                    let routable = (sender + n) % 2 == 0;
+                    let reference = if routable {
+                        format!("ok.{sender}.{n}")
+                    } else {
+                        format!("bad.{sender}.{n}")
+                    };
+                    let number = sender * 1000 + n;
+                    let answer = app
+                        .post_json(&event_body(
+                            "WHEF_SESSION_CREATED",
+                            "s-ret",
+                            &reference,
+                            number,
+                        ))
+                        .await;
+                    answers.push((routable, number, answer.code));
+                }
+                answers
+            }));
+        }
+        let mut ok_ids = BTreeSet::new();
+        let (mut lost, mut refused) = (Vec::new(), Vec::new());
+        for sender in senders {
+            for (routable, number, code) in sender.await.expect("sender") {
+                match (routable, code) {
+                    (true, 200) => {
+                        ok_ids.insert(message_id("WHEF_SESSION_CREATED", "s-ret", number));
+                    }
+                    (true, code) => refused.push((number, code)),
+                    (false, 503) => {}
+                    (false, code) => lost.push((number, code)),
+                }
+            }
+        }
+        assert!(
+            lost.is_empty(),
+            "unroutable events not answered 503 (lost if \"0\"): {lost:?}"
+        );
+        assert!(
+            refused.is_empty(),
+            "routable events not answered \"0\": {refused:?}"
+        );
+        let mut consumer = broker.consume(&queue).await;
+        let got: BTreeSet<String> = take(&mut consumer, ok_ids.len(), Duration::from_secs(30))
+            .await
+            .iter()
+            .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string()))
+            .collect();
+        assert_eq!(got, ok_ids);
+        drop(consumer);
+        delete_queue(&broker, &queue).await;
+        if let Ok(app) = Arc::try_unwrap(app) {
+            app.stop().await;
+        }
+        let _ = broker
+            .channel
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_reference_does_not_hold_back_the_others() {
+    bounded(async {
+        let exchange = unique("lanes");
+        let queue = unique("lanes.q");
+        let broker = Broker::connect(&amqp_url()).await;
+        broker
+            .channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("exchange");
+        broker
+            .channel
+            .queue_declare(
+                queue.as_str().into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        broker
+            .channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "ok.#".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.amqp.declare = false;
+            s.amqp.exchange = exchange.clone();
+            s.amqp.reconnect_initial_ms = 20;
+            s.amqp.reconnect_max_ms = 200;
+        })
+        .await;
+        let mut expected = Vec::new();
+        for n in 0..20u64 {
+            // Unroutable first: it stays in the spool and is retried...
+            assert_eq!(
+                app.post_json(&event_body("WHEF_SESSION_CREATED", "s-bad", "bad.1", n))
+                    .await
+                    .code,
+                200
+            );
+            // ...while the routable reference flows, in order.
+            assert_eq!(
+                app.post_json(&event_body("WHEF_SESSION_CREATED", "s-ok", "ok.1", n))
+                    .await
+                    .code,
+                200
+            );
+            expected.push(message_id("WHEF_SESSION_CREATED", "s-ok", n));
+        }
+        let mut consumer = broker.consume(&queue).await;
+        let got: Vec<String> = take(&mut consumer, expected.len(), Duration::from_secs(30))
+            .await
+            .iter()
+            .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string()))
+            .collect();
+        assert_eq!(first_copies(&got), expected);
+        let (_, metrics) = app.admin_get("/metrics").await;
+        assert!(
+            metric(&metrics, "cellosign_bridge_broker_returns_total") > 0.0,
+            "returns not counted"
+        );
+        drop(consumer);
+        delete_queue(&broker, &queue).await;
+        app.stop().await;
+        let _ = broker
+            .channel
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await;
+    })
+    .await;
+}
