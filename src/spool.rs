@@ -268,6 +268,8 @@ impl Drop for Inner {
 }
 
 struct Shared {
+    /// Cancelled when the writer thread ends, however it ends (a panic included).
+    writer_gone: tokio_util::sync::CancellationToken,
     path: PathBuf,
     max_bytes: u64,
     opts: SpoolOptions,
@@ -365,6 +367,7 @@ impl Spool {
         );
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
+            writer_gone: tokio_util::sync::CancellationToken::new(),
             path,
             max_bytes: opts.max_bytes,
             opts,
@@ -392,7 +395,11 @@ impl Spool {
         };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer.run())?;
+            .spawn(move || {
+                // Signals the end of the thread even when it unwinds.
+                let _gone = writer.shared.writer_gone.clone().drop_guard();
+                writer.run()
+            })?;
         Ok(Spool {
             inner: Arc::new(Inner {
                 tx: Some(tx),
@@ -618,6 +625,12 @@ impl Spool {
                 .saturating_add(s.refused_len.load(Ordering::Acquire).max(1))
                 <= s.max_bytes,
         }
+    }
+
+    /// Resolves when the writer thread has ended (after shutdown, or because it died), so a
+    /// supervisor can tell that nothing will be stored any more.
+    pub fn writer_stopped(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.inner.shared.writer_gone.clone().cancelled_owned()
     }
 
     /// [`SpoolOptions::append_timeout`]: how long a caller should wait for an append.
@@ -912,6 +925,9 @@ impl Writer {
                 }
                 continue;
             };
+            if fault::armed("spool.writer_panic").is_some() {
+                panic!("fault injected: spool.writer_panic");
+            }
             if let Some(stall) = fault::armed("spool.commit_stall") {
                 // A slow disk: what arrives meanwhile joins this batch, as it would.
                 std::thread::sleep(stall);

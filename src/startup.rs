@@ -24,7 +24,7 @@ use crate::ingress::{Ingress, IngressLimits};
 use crate::metrics::Metrics;
 use crate::publish::DirectPublisher;
 use crate::server::{ServerLimits, TlsError, serve, tls_acceptor};
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{Spool, SpoolError, SpoolOptions};
 use crate::supervisor::{Failure, Supervisor};
 
 /// Why the application could not start.
@@ -78,7 +78,13 @@ impl Application {
         let http = bind("http.listen", settings.http.listen).await?;
         let admin = bind("admin.listen", settings.admin.listen).await?;
         let spool = match settings.delivery.ack {
-            AckMode::Spooled => Some(Spool::open(&settings.spool.dir, settings.spool.max_bytes)?),
+            AckMode::Spooled => Some(Spool::open_with(
+                &settings.spool.dir,
+                SpoolOptions {
+                    append_timeout: Duration::from_millis(settings.spool.append_timeout_ms),
+                    ..SpoolOptions::new(settings.spool.max_bytes)
+                },
+            )?),
             AckMode::Confirmed => None,
         };
 
@@ -110,7 +116,10 @@ impl Application {
                     metrics.clone(),
                     stop.clone(),
                 );
-                supervisor.watch("forwarder", stop, task);
+                supervisor.watch("forwarder", stop.clone(), task);
+                // The writer thread ends only after the spool is shut down, which
+                // comes after the forwarder's stop.
+                supervisor.watch_until("spool writer", stop, spool.writer_stopped());
                 (Delivery::Spooled(spool.clone()), Some(forwarder))
             }
             None => {

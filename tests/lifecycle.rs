@@ -225,7 +225,7 @@ async fn sigterm_exits_in_time_with_a_black_holed_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_background_task_turns_readiness_503_and_the_process_exits_non_zero() {
     bounded(async {
-        for fault in ["forwarder.panic", "link.panic"] {
+        for fault in ["forwarder.panic", "link.panic", "spool.writer_panic"] {
             let exchange = unique("supervised");
             let spool = tempfile::tempdir().expect("temp dir");
             let grace = GRACE_MS.to_string();
@@ -235,10 +235,29 @@ async fn a_dead_background_task_turns_readiness_503_and_the_process_exits_non_ze
             ];
             let mut bridge =
                 BridgeProcess::start(spool.path(), &amqp_url(), &exchange, TOKEN, &env);
-            // The link dies on connecting; the forwarder on its first publish.
-            if fault == "forwarder.panic" {
-                wait_connected(&bridge).await;
-                post_events(&bridge, "sup", "r-sup", 1).await;
+            // The link dies on connecting; the forwarder on its first publish; the
+            // spool writer on its first write, which must then not be answered "0".
+            match fault {
+                "forwarder.panic" => {
+                    wait_connected(&bridge).await;
+                    post_events(&bridge, "sup", "r-sup", 1).await;
+                }
+                "spool.writer_panic" => {
+                    let r = client()
+                        .post(bridge.url(TOKEN))
+                        .header("content-type", "application/json")
+                        .body(event_body("WHEF_SESSION_CREATED", "sup", "r-sup", 0))
+                        .send()
+                        .await;
+                    if let Ok(r) = r {
+                        assert_ne!(
+                            r.status(),
+                            200,
+                            "an event was answered \"0\" with no spool writer"
+                        );
+                    }
+                }
+                _ => {}
             }
             let started = Instant::now();
             let mut saw_503 = false;
