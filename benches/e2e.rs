@@ -89,18 +89,20 @@ async fn load(url: &str, secs: u64, rate: Option<f64>, offset: u64) -> (Vec<Dura
                 .expect("client");
             let mut latencies = Vec::new();
             let mut failures = 0usize;
+            // Open loop: requests are due on a fixed schedule (a late one does not
+            // push the next back), and latency counts from the due time.
             let mut tick = rate.map(|r| {
                 let mut i = tokio::time::interval(Duration::from_secs_f64(CONNECTIONS as f64 / r));
-                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 i
             });
             let mut n = offset + c as u64 * 10_000_000;
             while Instant::now() < deadline {
-                if let Some(t) = tick.as_mut() {
-                    t.tick().await;
-                }
+                let t0 = match tick.as_mut() {
+                    Some(t) => t.tick().await.into_std(),
+                    None => Instant::now(),
+                };
                 n += 1;
-                let t0 = Instant::now();
                 let r = client
                     .post(&url)
                     .header("content-type", "application/json")
@@ -130,14 +132,45 @@ async fn load(url: &str, secs: u64, rate: Option<f64>, offset: u64) -> (Vec<Dura
     (all, failures, elapsed)
 }
 
-fn report(name: &str, (latencies, failures, elapsed): &(Vec<Duration>, usize, f64)) {
+/// CPU time (user + system) of this process so far, from /proc.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Peak resident memory of this process, MiB (VmHWM).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Runs a load and prints its figures; CPU and memory are the whole process
+/// (bridge and load client share it), so they bound the bridge's own from above.
+async fn measured(name: &str, url: &str, secs: u64, rate: Option<f64>, offset: u64) {
+    let cpu = cpu_time();
+    let (latencies, failures, elapsed) = load(url, secs, rate, offset).await;
+    let cpu = cpu_time() - cpu;
     println!(
-        "{name}: {} accepted in {elapsed:.1}s = {:.0}/s, {failures} not accepted; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "{name}: {} accepted in {elapsed:.1}s = {:.0}/s, {failures} not accepted; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; process CPU {:.0} us/event, peak RSS {:.0} MiB",
         latencies.len(),
         latencies.len() as f64 / elapsed,
-        percentile(latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(latencies, 0.99).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        cpu.as_secs_f64() * 1e6 / latencies.len().max(1) as f64,
+        peak_rss_mib(),
     );
 }
 
@@ -152,28 +185,49 @@ async fn answer_latency(exchange: &str) {
     let secs = env_or("BENCH_SECS", 10u64);
     // Warm up connections and the broker link.
     load(&url, 1, Some(PACED_RATE), 0).await;
-    report(
+    measured(
         &format!("spooled, {CONNECTIONS} connections, paced {PACED_RATE}/s"),
-        &load(&url, secs, Some(PACED_RATE), 1).await,
-    );
-    report(
+        &url,
+        secs,
+        Some(PACED_RATE),
+        1,
+    )
+    .await;
+    measured(
         &format!("spooled, {CONNECTIONS} connections, unpaced"),
-        &load(&url, secs, None, 2).await,
+        &url,
+        secs,
+        None,
+        2,
+    )
+    .await;
+    // At rest: the spool has held events, the forwarder has drained them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu = cpu_time();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    println!(
+        "at rest after the load: {:.2}% of a core",
+        (cpu_time() - cpu).as_secs_f64() / 5.0 * 100.0
     );
     stop.cancel();
     let _ = running.await;
 }
 
 fn envelope(n: u64) -> Envelope {
+    envelope_of(n, 997)
+}
+
+/// Event `n`, its reference one of `references`.
+fn envelope_of(n: u64, references: u64) -> Envelope {
     Envelope {
-        routing_key: format!("ref-{}", n % 997),
+        routing_key: format!("ref-{}", n % references),
         message_id: format!(
             "s{n}:WHEF_CLIENT_FORM_SUBMITTED:2025-01-26T08:49:33.{:06}",
             n % 1_000_000
         ),
         event_type: "WHEF_CLIENT_FORM_SUBMITTED".into(),
         session_id: format!("s{n}"),
-        reference: format!("ref-{}", n % 997),
+        reference: format!("ref-{}", n % references),
         received_at_ms: 1_737_881_373_626,
         body: Bytes::from(body(n)),
     }
@@ -201,8 +255,7 @@ async fn plain_lapin(connection: &Connection, exchange: &str, events: u64, windo
     started.elapsed().as_secs_f64()
 }
 
-async fn drain(exchange: &str) {
-    let events = env_or("BENCH_DRAIN_EVENTS", 100_000u64);
+async fn drain(exchange: &str, events: u64, references: u64) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = settings(exchange, dir.path());
     let spool = Spool::open(dir.path(), u64::MAX).expect("spool");
@@ -211,7 +264,7 @@ async fn drain(exchange: &str) {
     for n in 0..events {
         let spool = spool.clone();
         batch.push(tokio::spawn(async move {
-            spool.append(envelope(n).encode()).await
+            spool.append(envelope_of(n, references).encode()).await
         }));
         if batch.len() == 512 {
             for t in batch.drain(..) {
@@ -249,23 +302,38 @@ async fn drain(exchange: &str) {
     let bridge = started.elapsed().as_secs_f64();
     forwarder.drain_until(tokio::time::Instant::now()).await;
     let _ = forwarding.await;
-    let plain = plain_lapin(&connection, exchange, events, s.amqp.max_unconfirmed).await;
-    println!(
-        "drain of {events} events: forwarder {bridge:.2}s = {:.0}/s; plain lapin loop {plain:.2}s = {:.0}/s; ratio {:.0}%",
-        events as f64 / bridge,
-        events as f64 / plain,
-        100.0 * plain / bridge
-    );
     stop.cancel();
     let _ = link_task.await;
     let _ = spool.shutdown().await;
+    drop(connection);
+    bridge
 }
 
 #[tokio::main]
 async fn main() {
     let exchange = format!("bench.e2e.{}", std::process::id());
     answer_latency(&exchange).await;
-    drain(&exchange).await;
+    let events = env_or("BENCH_DRAIN_EVENTS", 100_000u64);
+    let bridge = drain(&exchange, events, 997).await;
+    let plain = {
+        let s = settings(&exchange, std::path::Path::new("/nonexistent"));
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("connect");
+        plain_lapin(&connection, &exchange, events, s.amqp.max_unconfirmed).await
+    };
+    println!(
+        "drain of {events} events, 997 references: forwarder {bridge:.2}s = {:.0}/s; plain lapin loop {plain:.2}s = {:.0}/s; ratio {:.0}%",
+        events as f64 / bridge,
+        events as f64 / plain,
+        100.0 * plain / bridge
+    );
+    let hot = env_or("BENCH_HOT_EVENTS", 5_000u64);
+    let one = drain(&exchange, hot, 1).await;
+    println!(
+        "drain of {hot} events, one reference (one publish in flight at a time): {one:.2}s = {:.0}/s",
+        hot as f64 / one
+    );
     // Remove what the bench declared (the unrouted queue holds every message).
     if let Ok(c) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
         && let Ok(ch) = c.create_channel().await
