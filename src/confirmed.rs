@@ -7,7 +7,7 @@
 //! confirms awaited by the requests themselves, a return lapin attached to a
 //! neighbour's confirm could be missed and an unroutable event answered "0".
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,8 @@ use crate::broker::Link;
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
 use crate::publish::{
-    PublishError, Tracked, Verdict, confirm_channel, properties, returned_key, settled,
+    PublishError, SendOrder, Tracked, Verdict, confirm_channel, properties, returned_key, settled,
+    sleep_until,
 };
 
 /// Requests queued for the publishing task before senders wait.
@@ -67,7 +68,7 @@ impl DirectPublisher {
             poisoned: false,
             in_flight: FuturesUnordered::new(),
             pending: HashMap::new(),
-            sent: VecDeque::new(),
+            sent: SendOrder::default(),
             next_id: 0,
         };
         let handle = tokio::spawn(task.run(rx, stop));
@@ -131,7 +132,7 @@ struct Dispatcher {
     in_flight: FuturesUnordered<Tracked<u64>>,
     pending: HashMap<u64, Pending>,
     /// Publish ids in send order, to find the oldest unconfirmed one.
-    sent: VecDeque<(Instant, u64)>,
+    sent: SendOrder,
     next_id: u64,
 }
 
@@ -139,7 +140,11 @@ impl Dispatcher {
     async fn run(mut self, mut jobs: mpsc::Receiver<Job>, stop: CancellationToken) {
         let mut batch = Vec::new();
         loop {
-            let stalled_at = self.oldest_unconfirmed().map(|at| at + self.timeout);
+            let pending = &self.pending;
+            let stalled_at = self
+                .sent
+                .oldest(|id| pending.contains_key(&id))
+                .map(|at| at + self.timeout);
             tokio::select! {
                 () = stop.cancelled() => break,
                 job = jobs.recv(), if !self.poisoned => match job {
@@ -164,16 +169,6 @@ impl Dispatcher {
             let _ = pending.reply.send(Err(PublishError::Unreachable));
         }
         self.close_channel();
-    }
-
-    fn oldest_unconfirmed(&mut self) -> Option<Instant> {
-        while let Some(&(at, id)) = self.sent.front() {
-            if self.pending.contains_key(&id) {
-                return Some(at);
-            }
-            self.sent.pop_front();
-        }
-        None
     }
 
     fn close_channel(&mut self) {
@@ -232,7 +227,7 @@ impl Dispatcher {
                 self.next_id += 1;
                 let now = Instant::now();
                 self.in_flight.push(Tracked::new(id, confirm));
-                self.sent.push_back((now, id));
+                self.sent.push(now, id);
                 self.pending.insert(
                     id,
                     Pending {
@@ -293,13 +288,5 @@ impl Dispatcher {
             }
             let _ = pending.reply.send(verdict.into_error().map_or(Ok(()), Err));
         }
-    }
-}
-
-/// Sleeps until `at`, or for ever when there is nothing to wait for.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

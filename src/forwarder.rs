@@ -30,7 +30,9 @@ use crate::broker::{Link, backoff};
 use crate::config::AmqpSettings;
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
-use crate::publish::{Tracked, Verdict, confirm_channel, returned_key, send, settled};
+use crate::publish::{
+    SendOrder, Tracked, Verdict, confirm_channel, returned_key, send, settled, sleep_until,
+};
 use crate::spool::{Spool, SpoolError};
 
 /// How often `drain_until` looks at the spool depth.
@@ -130,7 +132,7 @@ struct Lanes {
     /// Publishes in flight on the current channel: seq -> (key, sent at).
     in_flight: HashMap<u64, (Arc<str>, Instant)>,
     /// Seqs in send order, to find the oldest unconfirmed one.
-    sent: VecDeque<(Instant, u64)>,
+    sent: SendOrder,
     /// Events read from the spool and not yet removed.
     held: usize,
     /// Highest seq read from the spool.
@@ -144,7 +146,7 @@ impl Lanes {
             ready: VecDeque::new(),
             waiting: DelayQueue::new(),
             in_flight: HashMap::new(),
-            sent: VecDeque::new(),
+            sent: SendOrder::default(),
             held: 0,
             cursor: None,
         }
@@ -188,13 +190,8 @@ impl Lanes {
     }
 
     fn oldest_unconfirmed(&mut self) -> Option<Instant> {
-        while let Some(&(at, seq)) = self.sent.front() {
-            if self.in_flight.contains_key(&seq) {
-                return Some(at);
-            }
-            self.sent.pop_front();
-        }
-        None
+        let in_flight = &self.in_flight;
+        self.sent.oldest(|seq| in_flight.contains_key(&seq))
     }
 }
 
@@ -353,7 +350,7 @@ impl Pass<'_> {
                 lane.state = LaneState::InFlight;
                 let now = Instant::now();
                 confirms.push(Tracked::new(*seq, confirm));
-                self.lanes.sent.push_back((now, *seq));
+                self.lanes.sent.push(now, *seq);
                 self.lanes.in_flight.insert(*seq, (key, now));
             }
             if !delivered.is_empty() {
@@ -473,13 +470,5 @@ impl Pass<'_> {
             }
         }
         nacked
-    }
-}
-
-/// Sleeps until `at`, or for ever when there is nothing to wait for.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

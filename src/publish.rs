@@ -2,6 +2,7 @@
 //! the broker's answer means. Shared by the forwarder (spooled mode) and the
 //! direct publisher (confirmed mode).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -13,6 +14,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection};
 use lapin::{Confirmation, PublisherConfirm};
+use tokio::time::Instant;
 
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
@@ -150,6 +152,44 @@ pub async fn settled<T: Copy + Unpin>(
     }
     while let Some(Some(next)) = set.next().now_or_never() {
         out.push(next);
+    }
+}
+
+/// Publishes in send order, to find the oldest one still unconfirmed (the next
+/// to time out) without scanning every pending publish.
+#[derive(Default)]
+pub struct SendOrder(VecDeque<(Instant, u64)>);
+
+impl SendOrder {
+    /// Records publish `id`, sent at `at`.
+    pub fn push(&mut self, at: Instant, id: u64) {
+        self.0.push_back((at, id));
+    }
+
+    /// Forgets every publish.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// When the oldest publish for which `pending` holds was sent; drops the
+    /// settled ones in front on the way.
+    pub fn oldest(&mut self, pending: impl Fn(u64) -> bool) -> Option<Instant> {
+        while let Some(&(at, id)) = self.0.front() {
+            if pending(id) {
+                return Some(at);
+            }
+            self.0.pop_front();
+        }
+        None
+    }
+}
+
+/// Sleeps until `at`, or for ever when there is nothing to wait for (a disabled
+/// `select!` timer).
+pub async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -58,6 +58,40 @@ async fn full_queue(broker: &Broker, exchange: &str, name: &str, max: i64) {
         .expect("bind the bounded queue");
 }
 
+/// The operators' topology with `declare = false`: a topic exchange with no
+/// alternate exchange, and one queue bound to `ok.#`, so `bad.*` is unroutable.
+async fn operators_exchange(broker: &Broker, exchange: &str, queue: &str) {
+    broker
+        .channel
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+    broker
+        .channel
+        .queue_declare(queue.into(), Default::default(), FieldTable::default())
+        .await
+        .expect("queue");
+    broker
+        .channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "ok.#".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+}
+
 async fn delete_queue(broker: &Broker, name: &str) {
     let _ = broker
         .channel
@@ -213,43 +247,10 @@ async fn a_broker_that_keeps_refusing_costs_little_cpu_and_every_nack_is_counted
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_mode_answers_each_request_by_its_own_publish() {
     bounded(async {
-        // The operators' exchange: no alternate exchange, one queue for `ok.#`.
         let exchange = unique("returns");
         let queue = unique("returns.q");
         let broker = Broker::connect(&amqp_url()).await;
-        broker
-            .channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("exchange");
-        broker
-            .channel
-            .queue_declare(
-                queue.as_str().into(),
-                Default::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue");
-        broker
-            .channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "ok.#".into(),
-                Default::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
+        operators_exchange(&broker, &exchange, &queue).await;
         let app = Arc::new(
             spawn_app(AckMode::Confirmed, |s| {
                 s.amqp.declare = false;
@@ -333,39 +334,7 @@ async fn an_unroutable_reference_does_not_hold_back_the_others() {
         let exchange = unique("lanes");
         let queue = unique("lanes.q");
         let broker = Broker::connect(&amqp_url()).await;
-        broker
-            .channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("exchange");
-        broker
-            .channel
-            .queue_declare(
-                queue.as_str().into(),
-                Default::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue");
-        broker
-            .channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "ok.#".into(),
-                Default::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
+        operators_exchange(&broker, &exchange, &queue).await;
         let app = spawn_app(AckMode::Spooled, |s| {
             s.amqp.declare = false;
             s.amqp.exchange = exchange.clone();
