@@ -24,6 +24,7 @@ use crate::envelope::Envelope;
 use crate::event::{Policy, validate};
 use crate::metrics::{Metrics, TypeLabel};
 use crate::server::Handler;
+use crate::supervisor::Supervisor;
 
 /// Seconds a caller is asked to wait after 429.
 const RETRY_AFTER_BUSY_S: &str = "1";
@@ -47,6 +48,8 @@ pub struct Ingress {
     dedup: Dedup,
     delivery: Delivery,
     metrics: Arc<Metrics>,
+    /// Once a background task died nothing may be answered "0": it might never be forwarded.
+    supervisor: Supervisor,
     in_flight: Semaphore,
 }
 
@@ -84,6 +87,7 @@ impl Ingress {
         dedup: Dedup,
         delivery: Delivery,
         metrics: Arc<Metrics>,
+        supervisor: Supervisor,
     ) -> Self {
         let in_flight = Semaphore::new(limits.max_in_flight);
         Ingress {
@@ -93,6 +97,7 @@ impl Ingress {
             dedup,
             delivery,
             metrics,
+            supervisor,
             in_flight,
         }
     }
@@ -183,6 +188,13 @@ impl Ingress {
             };
             Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), metric)
         };
+        if self.supervisor.has_failed() {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bridge is restarting after an internal failure, retry later",
+                "failed",
+            ));
+        }
         // One step: accepted before, being stored by another copy now, or ours to store.
         let claim = match self.dedup.check(&event.message_id) {
             Check::Done => {

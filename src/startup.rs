@@ -157,6 +157,7 @@ impl Application {
             dedup,
             delivery,
             metrics.clone(),
+            supervisor.clone(),
         ));
         let admin_handler = Arc::new(Admin::new(
             settings.delivery.ack,
