@@ -162,8 +162,8 @@ pub fn backoff(initial: Duration, cap: Duration, failures: u32) -> Duration {
 
 /// Connects, sets up topology, watches the connection, and starts over when it fails.
 async fn maintain(amqp: AmqpSettings, metrics: Arc<Metrics>, tx: &watch::Sender<LinkState>) {
-    let initial = Duration::from_millis(amqp.reconnect_initial_ms);
-    let cap = Duration::from_millis(amqp.reconnect_max_ms);
+    let initial = amqp.reconnect_initial();
+    let cap = amqp.reconnect_max();
     let mut failures = 0u32;
     let mut ever_connected = false;
     loop {

@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +111,23 @@ pub struct HttpSettings {
     pub tls: Option<TlsSettings>,
 }
 
+impl HttpSettings {
+    /// A client must send a complete request head within this.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+
+    /// A request body must arrive within this.
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+
+    /// A connection with no request in progress is closed after this.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+}
+
 impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
@@ -204,6 +222,13 @@ pub struct SpoolSettings {
     pub append_timeout_ms: u64,
 }
 
+impl SpoolSettings {
+    /// An append not durable within this answers 503.
+    pub fn append_timeout(&self) -> Duration {
+        Duration::from_millis(self.append_timeout_ms)
+    }
+}
+
 impl Default for SpoolSettings {
     fn default() -> Self {
         SpoolSettings {
@@ -229,6 +254,23 @@ pub struct AmqpSettings {
     pub reconnect_max_ms: u64,
     pub partitions: u16,
     pub queues: Vec<QueueSettings>,
+}
+
+impl AmqpSettings {
+    /// A publish not confirmed within this counts as failed.
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    /// First retry delay after a failure (doubling, with jitter).
+    pub fn reconnect_initial(&self) -> Duration {
+        Duration::from_millis(self.reconnect_initial_ms)
+    }
+
+    /// Cap of the retry delay.
+    pub fn reconnect_max(&self) -> Duration {
+        Duration::from_millis(self.reconnect_max_ms)
+    }
 }
 
 impl Default for AmqpSettings {
@@ -304,6 +346,13 @@ impl Default for AdminSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownSettings {
     pub grace_ms: u64,
+}
+
+impl ShutdownSettings {
+    /// Time to drain after SIGTERM before exiting.
+    pub fn grace(&self) -> Duration {
+        Duration::from_millis(self.grace_ms)
+    }
 }
 
 impl Default for ShutdownSettings {

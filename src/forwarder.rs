@@ -84,9 +84,9 @@ impl Forwarder {
         let target = Target {
             exchange: amqp.exchange.clone(),
             window: amqp.max_unconfirmed,
-            publish_timeout: Duration::from_millis(amqp.publish_timeout_ms),
-            retry_initial: Duration::from_millis(amqp.reconnect_initial_ms),
-            retry_max: Duration::from_millis(amqp.reconnect_max_ms),
+            publish_timeout: amqp.publish_timeout(),
+            retry_initial: amqp.reconnect_initial(),
+            retry_max: amqp.reconnect_max(),
         };
         let task = tokio::spawn(run(spool.clone(), link, target, metrics, stop.clone()));
         (Forwarder { spool, stop }, task)

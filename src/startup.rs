@@ -81,7 +81,7 @@ impl Application {
             AckMode::Spooled => Some(Spool::open_with(
                 &settings.spool.dir,
                 SpoolOptions {
-                    append_timeout: Duration::from_millis(settings.spool.append_timeout_ms),
+                    append_timeout: settings.spool.append_timeout(),
                     ..SpoolOptions::new(settings.spool.max_bytes)
                 },
             )?),
@@ -126,7 +126,7 @@ impl Application {
                 let (publisher, task) = DirectPublisher::start(
                     link.clone(),
                     settings.amqp.exchange.clone(),
-                    Duration::from_millis(settings.amqp.publish_timeout_ms),
+                    settings.amqp.publish_timeout(),
                     metrics.clone(),
                     broker_stop.clone(),
                 );
@@ -148,7 +148,7 @@ impl Application {
             path: settings.http.path.clone(),
             max_body_bytes: settings.http.max_body_bytes,
             max_in_flight: settings.http.max_in_flight,
-            body_read_timeout: Duration::from_millis(settings.http.body_read_timeout_ms),
+            body_read_timeout: settings.http.body_read_timeout(),
         };
         let ingress = Arc::new(Ingress::new(
             limits,
@@ -200,11 +200,11 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Failure> {
-        let grace = Duration::from_millis(self.settings.shutdown.grace_ms);
-        let header_read_timeout = Duration::from_millis(self.settings.http.header_read_timeout_ms);
+        let grace = self.settings.shutdown.grace();
+        let header_read_timeout = self.settings.http.header_read_timeout();
         let limits = ServerLimits {
             header_read_timeout,
-            idle_timeout: Duration::from_millis(self.settings.http.idle_timeout_ms),
+            idle_timeout: self.settings.http.idle_timeout(),
             max_connections: self.settings.http.max_connections,
             drain_deadline: grace,
         };
