@@ -28,7 +28,7 @@ impl Auth {
             tokens: settings
                 .tokens
                 .iter()
-                .map(|t| t.as_bytes().to_vec())
+                .map(|t| t.expose().as_bytes().to_vec())
                 .collect(),
             allow_query_token: settings.allow_query_token,
             allow_from: settings.allow_from.clone(),
@@ -131,7 +131,7 @@ mod tests {
 
     fn auth(tokens: &[&str], allow_query: bool) -> Auth {
         let settings = AuthSettings {
-            tokens: tokens.iter().map(|s| s.to_string()).collect(),
+            tokens: tokens.iter().map(|&s| s.into()).collect(),
             allow_query_token: allow_query,
             ..AuthSettings::default()
         };

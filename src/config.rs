@@ -157,8 +157,7 @@ pub struct TlsSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSettings {
-    #[serde(serialize_with = "redact_list")]
-    pub tokens: Vec<String>,
+    pub tokens: Vec<Secret>,
     pub tokens_file: String,
     pub allow_query_token: bool,
     pub allow_from: Vec<Cidr>,
@@ -387,8 +386,41 @@ impl Default for LogSettings {
     }
 }
 
-fn redact_list<S: serde::Serializer>(list: &[String], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(list.iter().map(|_| "<redacted>"))
+/// A secret setting (a webhook token): `Debug` and serialization (`check-config`)
+/// show `<redacted>`, so `Settings`, which derives `Debug`, can be logged safely.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that must compare or send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_string())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
 }
 
 fn redact_urls<S: serde::Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
@@ -448,7 +480,7 @@ impl Settings {
             text.lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(String::from),
+                .map(Secret::from),
         );
         Ok(())
     }
@@ -494,7 +526,7 @@ impl Settings {
             .auth
             .tokens
             .iter()
-            .any(|t| t.is_empty() || t.chars().any(char::is_whitespace))
+            .any(|t| t.expose().is_empty() || t.expose().chars().any(char::is_whitespace))
         {
             return Err(invalid(
                 "auth.tokens",

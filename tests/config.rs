@@ -114,6 +114,9 @@ fn bad_values_are_refused_naming_the_key() {
 
 #[test]
 fn tokens_come_from_config_and_file() {
+    // Settings derive Debug: a secret must never show there.
+    let s = load(None, None, None, &[("BRIDGE_AUTH__TOKENS", "do-not-print")]).unwrap();
+    assert!(!format!("{s:?}").contains("do-not-print"));
     let dir = tempfile::tempdir().unwrap();
     let tokens = write(
         dir.path(),
@@ -131,7 +134,7 @@ fn tokens_come_from_config_and_file() {
     )
     .unwrap();
     assert_eq!(
-        s.auth.tokens,
+        s.auth.tokens.iter().map(|t| t.expose()).collect::<Vec<_>>(),
         ["env-a", "env-b", "from-file-1", "from-file-2"]
     );
     let err = load(
