@@ -42,6 +42,5 @@ pub mod server;
 pub mod spool;
 pub mod startup;
 pub mod supervisor;
-pub mod tail;
 pub mod telemetry;
 pub mod topology;

@@ -3,10 +3,10 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cellosign_bridge::cli::{self, Cli, Command, SpoolCommand};
+use cellosign_bridge::cli::{Cli, Command, SpoolCommand, spool_stats, tail};
 use cellosign_bridge::config::{Settings, Sources};
 use cellosign_bridge::startup::Application;
-use cellosign_bridge::{tail, telemetry};
+use cellosign_bridge::telemetry;
 use clap::Parser;
 
 #[tokio::main]
@@ -43,7 +43,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tail { binding } => tail::run(&settings, &binding).await?,
         Command::Spool {
             command: SpoolCommand::Stats,
-        } => println!("{}", cli::spool_stats(&settings).await?),
+        } => println!("{}", spool_stats::run(&settings).await?),
     }
     Ok(())
 }

@@ -1,0 +1,225 @@
+//! `tail`: a throw-away consumer that prints matching events as JSON lines, so
+//! operators and consumer developers can see what flows.
+//!
+//! It connects on its own rather than through [`crate::broker::Link`]: it needs
+//! one attempt and a clear failure, not the bridge's endless reconnecting, and
+//! no topology of its own beyond one exclusive queue that the broker deletes
+//! when `tail` goes.
+
+use std::io::Write;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties, Consumer};
+
+use crate::config::{Settings, redact_url};
+
+/// Longest wait for one broker to complete the AMQP handshake, and then for the
+/// queue to be bound: a black-holed broker accepts TCP and never answers, and
+/// without a bound `tail` would wait on it for ever. The same 10 s as the
+/// bridge's own link (`CONNECT_TIMEOUT` in `src/broker.rs`).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why `tail` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    /// No URL of `amqp.urls` gave a connection; one `url: reason` per URL, passwords redacted.
+    #[error("no broker reachable: {0}")]
+    Connect(String),
+    /// The broker connected but did not finish setting up the tail queue in time.
+    #[error("broker {url}: no answer within {CONNECT_TIMEOUT:?} while binding the tail queue")]
+    SetupTimeout { url: String },
+    /// The broker refused or dropped something (e.g. a missing exchange).
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// stdout went away (a closed pipe): nobody is reading any more.
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Why one connection attempt failed; shown after the URL it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The broker answered with a failure (refused, bad credentials, bad vhost).
+    #[error("{0}")]
+    Amqp(#[from] lapin::Error),
+    /// Nothing, or not the whole handshake, within the bound.
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// One printed line: the routing facts a consumer developer filters on, and
+/// the body as JSON (or as text if it is not JSON).
+pub fn render(delivery: &lapin::message::Delivery) -> serde_json::Value {
+    let props = &delivery.properties;
+    let received_at = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-received-at").cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongString(s) => Some(s.to_string()),
+            _ => None,
+        });
+    // Bodies are validated JSON; show them as JSON, or as text if not.
+    let body = serde_json::from_slice::<serde_json::Value>(&delivery.data).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&delivery.data).into_owned())
+    });
+    serde_json::json!({
+        "routing_key": delivery.routing_key.as_str(),
+        "message_id": props.message_id().as_ref().map(|s| s.as_str()),
+        "type": props.kind().as_ref().map(|s| s.as_str()),
+        "received_at": received_at,
+        "body": body,
+    })
+}
+
+/// One AMQP connection attempt that gives up after `timeout`, so a silent
+/// broker is reported like a refusing one. (`src/broker.rs` bounds its own
+/// attempts the same way; the two could share this.)
+pub async fn connect_with_timeout(
+    url: &str,
+    properties: ConnectionProperties,
+    timeout: Duration,
+) -> Result<Connection, ConnectError> {
+    tokio::time::timeout(timeout, Connection::connect(url, properties))
+        .await
+        .map_err(|_| ConnectError::TimedOut(timeout))?
+        .map_err(ConnectError::from)
+}
+
+/// Tries each URL in order, as the bridge does; the first that connects wins.
+/// Returns the connection and its URL with the password redacted.
+async fn connect_any(urls: &[String]) -> Result<(Connection, String), TailError> {
+    let mut errors = Vec::new();
+    for url in urls {
+        let shown = redact_url(url);
+        let properties =
+            ConnectionProperties::default().with_connection_name("cellosign-bridge tail".into());
+        match connect_with_timeout(url, properties, CONNECT_TIMEOUT).await {
+            Ok(connection) => return Ok((connection, shown)),
+            Err(e) => errors.push(format!("{shown}: {e}")),
+        }
+    }
+    Err(TailError::Connect(errors.join("; ")))
+}
+
+/// Declares an exclusive, auto-delete queue, binds it to `exchange` with
+/// `binding`, and consumes from it without acks (nothing is kept for `tail`).
+/// Returns the queue's server-chosen name, for the operator's banner.
+async fn bind(
+    connection: &Connection,
+    exchange: &str,
+    binding: &str,
+) -> Result<(String, Consumer), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            binding.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "cellosign-bridge-tail".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((queue.name().as_str().to_string(), consumer))
+}
+
+/// Binds an exclusive, auto-delete queue to the exchange with `binding` and
+/// prints until interrupted. Connecting and binding are bounded by
+/// [`CONNECT_TIMEOUT`]; after that it waits for events as long as the operator likes.
+pub async fn run(settings: &Settings, binding: &str) -> Result<(), TailError> {
+    let (connection, url) = connect_any(&settings.amqp.urls).await?;
+    let exchange = settings.amqp.exchange.as_str();
+    let (queue, mut consumer) =
+        tokio::time::timeout(CONNECT_TIMEOUT, bind(&connection, exchange, binding))
+            .await
+            .map_err(|_| TailError::SetupTimeout { url })??;
+    eprintln!("tail: bound {queue:?} to exchange {exchange:?} with {binding:?}; Ctrl-C to stop");
+    let mut stdout = std::io::stdout();
+    loop {
+        tokio::select! {
+            next = consumer.next() => match next {
+                Some(delivery) => {
+                    let delivery = delivery?;
+                    writeln!(stdout, "{}", render(&delivery))?;
+                    stdout.flush()?;
+                }
+                None => return Ok(()),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// The bug this bound fixes: a broker that accepts TCP and never answers
+    /// must end in an error, not a wait for ever. (tests/cli.rs checks the same
+    /// through the binary with the real 10 s bound.)
+    #[tokio::test]
+    async fn a_silent_broker_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("local address").port();
+        let hole = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+        let bound = Duration::from_millis(300);
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            connect_with_timeout(&url, ConnectionProperties::default(), bound),
+        )
+        .await;
+        hole.abort();
+        assert!(
+            matches!(result, Ok(Err(ConnectError::TimedOut(d))) if d == bound),
+            "{result:?}"
+        );
+    }
+
+    /// Every URL tried is named in the error, with its password redacted.
+    #[tokio::test]
+    async fn the_error_names_each_url_without_its_password() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("local address").port();
+        drop(listener);
+        let url = format!("amqp://guest:secret@127.0.0.1:{port}/%2f");
+        let result = connect_any(&[url]).await;
+        let Err(TailError::Connect(message)) = result else {
+            panic!("expected a connect error");
+        };
+        assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+        assert!(!message.contains("secret"), "{message}");
+    }
+}
