@@ -11,8 +11,9 @@
 //!   routing key and message id. [`envelope`] is the accepted event as stored
 //!   and published.
 //! * [`delivery`]: what "durable" means before the caller gets "0": the
-//!   [`spool`] (fsync'd, group commit) or a broker confirm ([`publish`]).
-//! * [`forwarder`]: moves spooled events to the broker in order, with a
+//!   [`spool`] (fsync'd, group commit) or a broker confirm ([`confirmed`]).
+//!   [`publish`] maps an envelope to its AMQP message and judges confirms.
+//! * [`forwarder`]: moves spooled events to the broker in order per reference, with a
 //!   window of unconfirmed publishes, and removes them only after a plain ack.
 //! * [`broker`]: the AMQP link (connect, fail over, reconnect with backoff) and
 //!   [`topology`] declared on it.
@@ -20,7 +21,10 @@
 //! Beside them: [`admin`] (health, readiness, metrics from [`metrics`]),
 //! [`config`] (layered typed settings), [`startup`] (builds the application
 //! for `main` and tests), [`dedup`], [`net`] (CIDRs, forwarded-for),
-//! [`telemetry`] (logs), and the operator commands [`tail`] and [`cli`].
+//! [`telemetry`] (logs), the operator commands in [`cli`], and [`supervisor`]:
+//! one cancellation tree and task tracker for every task, and the rule that a
+//! task dying before shutdown fails readiness and the exit code. [`fault`] holds
+//! the test-only fault points.
 
 pub mod admin;
 pub mod auth;
