@@ -1,0 +1,332 @@
+//! Unit tests of the spool's behaviour through its handle: numbering, group commit, removal,
+//! reopening, the byte limit, waiting, locking, and what dropping the last handle does. The
+//! tests that crash a process or fill a disk are in `tests_faults`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::store::create_dir_durable;
+use super::writer::Op;
+use super::{FILE_NAME, Spool, SpoolError, SpoolStats};
+
+/// A record that starts with `tag:`, padded with `x` to `len` bytes.
+pub(super) fn payload(tag: &str, len: usize) -> Bytes {
+    let mut v = format!("{tag}:").into_bytes();
+    v.resize(len.max(v.len()), b'x');
+    Bytes::from(v)
+}
+
+/// Every stored record, in order.
+pub(super) fn read_all(spool: &Spool) -> Vec<(u64, Bytes)> {
+    spool.read_after_blocking(None, usize::MAX).unwrap()
+}
+
+/// Drops `spool` (its last handle) and waits until the writer has closed the file by itself, as
+/// a test must before opening the directory again: the drop only signals the writer.
+pub(super) async fn drop_and_wait(spool: Spool) {
+    let stopped = spool.writer_stopped();
+    drop(spool);
+    stopped.await;
+}
+
+#[test]
+fn spool_is_send_sync_clone() {
+    fn check<T: Send + Sync + Clone + 'static>() {}
+    check::<Spool>();
+    check::<SpoolError>();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_keep_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let spool = spool.clone();
+        tasks.push(tokio::spawn(async move {
+            let seq = spool.append(payload(&format!("r{i}"), 100)).await.unwrap();
+            (seq, i)
+        }));
+    }
+    let mut by_seq = BTreeMap::new();
+    for t in tasks {
+        let (seq, i) = t.await.unwrap();
+        assert!(by_seq.insert(seq, i).is_none(), "duplicate seq {seq}");
+    }
+    // No failures, so the numbers are exactly 1..=200.
+    assert_eq!(
+        by_seq.keys().copied().collect::<Vec<_>>(),
+        (1..=200).collect::<Vec<_>>()
+    );
+    let stored = read_all(&spool);
+    assert_eq!(stored.len(), 200);
+    for (seq, data) in &stored {
+        assert!(data.starts_with(format!("r{}:", by_seq[seq]).as_bytes()));
+    }
+    assert!(stored.windows(2).all(|w| w[0].0 < w[1].0));
+    let s = spool.stats();
+    assert_eq!((s.events, s.bytes, s.last_seq), (200, 200 * 100, Some(200)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let per_task = 20;
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let spool = spool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0;
+            for i in 0..per_task {
+                let seq = spool
+                    .append(payload(&format!("{t}-{i}"), 600))
+                    .await
+                    .unwrap();
+                assert!(seq > last, "per-task seqs must increase");
+                last = seq;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let s = spool.stats();
+    let appends = 64 * per_task;
+    eprintln!("{appends} appends in {} commits", s.commits);
+    assert_eq!(s.events, appends);
+    assert_eq!(s.commits, s.durable_commits);
+    assert!(
+        s.commits * 8 <= appends,
+        "{} commits for {appends} appends",
+        s.commits
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_after_ack_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    for i in 1..=10u64 {
+        assert_eq!(
+            spool.append(payload(&format!("e{i}"), 50)).await.unwrap(),
+            i
+        );
+    }
+    let durable_before = spool.stats().durable_commits;
+    assert_eq!(spool.remove(vec![2, 5, 7, 99]).await.unwrap(), 3);
+    assert_eq!(spool.remove(vec![5]).await.unwrap(), 0);
+    let s = spool.stats();
+    assert_eq!(
+        s.durable_commits, durable_before,
+        "removals commit without fsync"
+    );
+    assert_eq!((s.events, s.bytes), (7, 7 * 50));
+    let seqs: Vec<u64> = spool
+        .read_after(None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(seqs, vec![1, 3, 4, 6, 8, 9, 10]);
+    let page = spool.read_after(Some(4), 2).await.unwrap();
+    assert_eq!(page.iter().map(|r| r.0).collect::<Vec<_>>(), vec![6, 8]);
+    assert!(page[0].1.starts_with(b"e6:"));
+    // Removing the oldest moves the oldest timestamp forward (or keeps it equal).
+    let oldest = s.oldest_append_ms.unwrap();
+    spool.remove(vec![1]).await.unwrap();
+    assert!(spool.stats().oldest_append_ms.unwrap() >= oldest);
+    // A run long enough for the range path, with holes and a duplicate.
+    let mut run: Vec<u64> = (1..=10).rev().collect();
+    run.push(3);
+    assert_eq!(spool.remove(run).await.unwrap(), 6);
+    let s = spool.stats();
+    assert_eq!(
+        (s.events, s.bytes, s.oldest_append_ms, s.oldest_age),
+        (0, 0, None, None)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_keeps_records_and_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        for i in 1..=20u64 {
+            spool.append(payload(&format!("a{i}"), 30)).await.unwrap();
+        }
+        // Non-durable removals, then a clean drop: the writer makes them durable as it closes.
+        let evens: Vec<u64> = (2..=20).step_by(2).collect();
+        assert_eq!(spool.remove(evens).await.unwrap(), 10);
+        assert_eq!(spool.stats().durable_commits, spool.stats().commits - 1);
+        drop_and_wait(spool).await;
+    }
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let stored = read_all(&spool);
+    assert_eq!(
+        stored.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (1..=19).step_by(2).collect::<Vec<_>>()
+    );
+    assert!(
+        stored
+            .iter()
+            .all(|(seq, d)| d.starts_with(format!("a{seq}:").as_bytes()))
+    );
+    let s = spool.stats();
+    assert_eq!((s.events, s.bytes, s.last_seq), (10, 300, Some(20)));
+    assert_eq!(spool.append(payload("next", 30)).await.unwrap(), 21);
+    // Emptying the spool does not reset the numbering after a reopen.
+    spool.remove((1..=21).collect()).await.unwrap();
+    spool.shutdown().await.unwrap();
+    assert!(matches!(
+        spool.append(payload("late", 1)).await,
+        Err(SpoolError::Closed)
+    ));
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    assert_eq!(spool.stats().events, 0);
+    assert_eq!(spool.append(payload("after-empty", 30)).await.unwrap(), 22);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_bytes_gives_full_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 3000).unwrap();
+    for _ in 0..5 {
+        spool.append(payload("f", 600)).await.unwrap();
+    }
+    let before = spool.stats();
+    match spool.append(payload("over", 600)).await {
+        Err(SpoolError::Full {
+            len: 600,
+            used: 3000,
+            max: 3000,
+        }) => {}
+        other => panic!("expected Full, got {other:?}"),
+    }
+    assert!(matches!(
+        spool.append(Bytes::from_static(b"1")).await,
+        Err(SpoolError::Full { .. })
+    ));
+    // oldest_age moves with the clock; everything else must be unchanged.
+    let after = SpoolStats {
+        oldest_age: before.oldest_age,
+        has_room: before.has_room,
+        ..spool.stats()
+    };
+    assert_eq!(after, before);
+    assert!(!spool.stats().has_room, "readiness sees the refusal");
+    assert_eq!(read_all(&spool).len(), 5);
+    spool.remove(vec![1]).await.unwrap();
+    assert!(
+        spool.stats().has_room,
+        "room again once the forwarder removed one"
+    );
+    assert_eq!(spool.append(payload("fits", 600)).await.unwrap(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_new_wakes_forwarder() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let waiter = {
+        let spool = spool.clone();
+        tokio::spawn(async move { spool.wait_for_new(None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished());
+    spool.append(payload("wake", 10)).await.unwrap();
+    assert_eq!(waiter.await.unwrap().unwrap(), 1);
+    // Already satisfied: returns at once.
+    assert_eq!(spool.wait_for_new(Some(0)).await.unwrap(), 1);
+    let waiter = {
+        let spool = spool.clone();
+        tokio::spawn(async move { spool.wait_for_new(Some(1)).await })
+    };
+    spool.shutdown().await.unwrap();
+    assert!(matches!(waiter.await.unwrap(), Err(SpoolError::Closed)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_and_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(Spool::inspect(dir.path()), Err(SpoolError::Io(_))));
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    for _ in 0..3 {
+        spool.append(payload("i", 100)).await.unwrap();
+    }
+    assert!(matches!(
+        Spool::open(dir.path(), 1 << 20),
+        Err(SpoolError::Locked(_))
+    ));
+    let err = Spool::inspect(dir.path()).unwrap_err();
+    assert!(matches!(err, SpoolError::Locked(_)), "{err:?}");
+    assert!(err.to_string().contains("server is running"));
+    drop_and_wait(spool).await;
+    let s = Spool::inspect(dir.path()).unwrap();
+    assert_eq!((s.events, s.bytes, s.last_seq), (3, 300, Some(3)));
+    assert!(s.oldest_append_ms.is_some());
+}
+
+#[test]
+fn a_new_spool_directory_is_created_with_its_parents() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("a").join("b").join("spool");
+    // Each created directory's parent is fsync'd too (not observable here without a
+    // crash; see create_dir_durable).
+    let created = create_dir_durable(&dir).unwrap();
+    assert_eq!(
+        created,
+        vec![
+            base.path().join("a"),
+            base.path().join("a/b"),
+            base.path().join("a/b/spool")
+        ]
+    );
+    assert!(dir.is_dir());
+    assert!(create_dir_durable(&dir).unwrap().is_empty());
+    let nested = base.path().join("x").join("y");
+    let spool = Spool::open(&nested, 1 << 20).unwrap();
+    assert!(nested.join(FILE_NAME).is_file());
+    drop(spool);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_signals_and_does_not_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let stopped = spool.writer_stopped();
+    // Holding the database slot keeps the writer from committing: a drop that waited for the
+    // writer would wait for this test.
+    let shared = spool.shared();
+    let slot = shared.write_db();
+    let (reply, stored) = oneshot::channel();
+    spool
+        .send(Op::Append {
+            data: payload("queued", 10),
+            ts_ms: 1,
+            reply,
+        })
+        .unwrap();
+    let (dropped_tx, dropped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(spool);
+        let _ = dropped_tx.send(());
+    });
+    let dropped = dropped.recv_timeout(Duration::from_secs(5));
+    drop(slot);
+    assert!(
+        dropped.is_ok(),
+        "dropping the last handle waited for the writer"
+    );
+    // The writer still stores what was queued, then closes the file and exits by itself.
+    assert_eq!(stored.await.unwrap().unwrap(), 1);
+    stopped.await;
+    drop(shared);
+    let s = Spool::inspect(dir.path()).unwrap();
+    assert_eq!((s.events, s.bytes, s.last_seq), (1, 10, Some(1)));
+}
