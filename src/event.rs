@@ -22,6 +22,9 @@ pub const MAX_ROUTING_KEY_BYTES: usize = 255;
 pub const MAX_SESSION_ID_BYTES: usize = 128;
 /// Longest accepted `session.reference`, in bytes (it is the default routing key).
 pub const MAX_REFERENCE_BYTES: usize = 255;
+
+/// Longest message id: an AMQP `message_id` is a short string.
+pub const MAX_MESSAGE_ID_BYTES: usize = 255;
 /// Event types accepted when the operator configures none: the documented
 /// asynchronous ones (`WHEF_FORM_FIELD_CHANGED` expects data back, so it is left out).
 pub const DEFAULT_ACCEPT: [&str; 6] = [
@@ -396,6 +399,9 @@ pub enum Problem {
     RoutingKeyEmpty,
     /// The rendered routing key is longer than 255 bytes.
     RoutingKeyTooLong,
+    /// The message id `{session.id}:{event.type}:{event.timestamp}` would not fit an
+    /// AMQP short string (255 bytes); only a very long timestamp fraction gets here.
+    MessageIdTooLong,
 }
 
 impl Problem {
@@ -408,7 +414,7 @@ impl Problem {
             Problem::DuplicateKey(_) => "duplicate_key",
             Problem::BadTimestamp | Problem::TimestampOutOfRange => "bad_timestamp",
             Problem::TypeNotAccepted => "type_not_accepted",
-            Problem::TooLong(_) => "too_long",
+            Problem::TooLong(_) | Problem::MessageIdTooLong => "too_long",
             Problem::ControlCharacter => "control_character",
             Problem::Empty => "empty",
             Problem::MissingForRoutingKey
@@ -436,6 +442,10 @@ impl fmt::Display for Problem {
             Problem::Empty => f.write_str("empty"),
             Problem::MissingForRoutingKey => f.write_str("missing, needed by amqp.routing_key"),
             Problem::RoutingKeyEmpty => f.write_str("empty"),
+            Problem::MessageIdTooLong => write!(
+                f,
+                "too long: the message id {{session.id}}:{{event.type}}:{{event.timestamp}} would exceed {MAX_MESSAGE_ID_BYTES} bytes"
+            ),
             Problem::RoutingKeyTooLong => {
                 write!(f, "longer than {MAX_ROUTING_KEY_BYTES} bytes")
             }
@@ -502,6 +512,9 @@ fn build<'a>(f: Fields<'a>, policy: &Policy) -> Result<Event<'a>, Invalid> {
     let session_id = need(f.session_id, "session.id")?;
     let reference = need(f.reference, "session.reference")?;
     let message_id = format!("{session_id}:{event_type}:{timestamp}");
+    if message_id.len() > MAX_MESSAGE_ID_BYTES {
+        return Err(Invalid::new("event.timestamp", Problem::MessageIdTooLong));
+    }
     Ok(Event {
         event_type,
         timestamp,
@@ -1036,7 +1049,7 @@ impl<'de> ObjectHandler<'de> for RecipientHandler<'_, '_> {
                     ctx.flag("session.recipient", Problem::DuplicateKey(Some("id")));
                     map.next_value::<IgnoredAny>()?;
                 }
-                Key::Known(_) if name.is_some() => {
+                Key::Known(1) if name.is_some() => {
                     ctx.flag("session.recipient", Problem::DuplicateKey(Some("name")));
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -1130,7 +1143,8 @@ fn check_timestamp(s: &str) -> Result<(), Problem> {
     }
     if let Some(frac) = rest.strip_prefix(b".") {
         let digits = frac.iter().take_while(|c| c.is_ascii_digit()).count();
-        if !(1..=9).contains(&digits) {
+        // SPEC 1 sets no bound on the fraction; the message id length bounds it.
+        if digits == 0 {
             return Err(bad);
         }
         rest = &frac[digits..];
@@ -1738,12 +1752,31 @@ mod tests {
     // --- timestamps ------------------------------------------------------
 
     #[test]
+    fn a_fraction_too_long_for_the_message_id_is_refused_naming_the_timestamp() {
+        let long = format!("2025-01-26T08:49:33.{}", "1".repeat(300));
+        let r = rejected(&set("/event/timestamp", json!(long)));
+        assert_eq!(r.metric_reason(), "too_long");
+        assert!(
+            r.reason().starts_with("event.timestamp: too long"),
+            "{}",
+            r.reason()
+        );
+    }
+
+    #[test]
+    fn recipient_members_in_any_order() {
+        let body = set("/session/recipient", json!({"name": "client", "id": 1}));
+        assert_eq!(ok(&body).recipient_name.as_deref(), Some("client"));
+    }
+
+    #[test]
     fn timestamps() {
         let good = [
             "2025-01-26T08:49:33",
             "2025-01-26T08:49:33.6",
             "2025-01-26T08:49:33.626046",
             "2025-01-26T08:49:33.123456789",
+            "2025-01-26T08:49:33.1234567890123",
             "2025-01-26T08:49:33Z",
             "2025-01-26T08:49:33.5Z",
             "2025-01-26T08:49:33+02:00",
@@ -1766,7 +1799,6 @@ mod tests {
             "2025-01-26T08:49",
             "2025-1-26T08:49:33",
             "2025-01-26T08:49:33.",
-            "2025-01-26T08:49:33.1234567890",
             "2025-01-26T08:49:33+0200",
             "2025-01-26T08:49:33+02",
             "2025-01-26T08:49:33 ",

@@ -247,6 +247,11 @@ fn reference_value(v: &Value, policy: &RefPolicy) -> Result<Accepted, &'static s
     if routing_key.is_empty() || routing_key.len() > 255 {
         return Err("routing key: length");
     }
+    // SPEC 3: the message id is an AMQP message_id, a short string of at most 255 bytes.
+    let message_id = format!("{session_id}:{event_type}:{timestamp}");
+    if message_id.len() > 255 {
+        return Err("message id: length");
+    }
     Ok(Accepted {
         event_type: event_type.to_owned(),
         timestamp: timestamp.to_owned(),
@@ -255,7 +260,7 @@ fn reference_value(v: &Value, policy: &RefPolicy) -> Result<Accepted, &'static s
         process_id: process_id.map(str::to_owned),
         recipient_name: recipient_name.map(str::to_owned),
         routing_key,
-        message_id: format!("{session_id}:{event_type}:{timestamp}"),
+        message_id,
     })
 }
 
