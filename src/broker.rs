@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::topology;
 
 /// Longest wait for one connection attempt (TCP, TLS, AMQP handshake, topology).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest wait for the broker to acknowledge closing the connection at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -202,23 +202,67 @@ async fn maintain(amqp: AmqpSettings, metrics: Arc<Metrics>, tx: &watch::Sender<
     }
 }
 
-/// Tries each URL in order; the first that connects and accepts the topology wins.
-/// The error tells whether any broker answered with a topology problem.
-async fn connect_any(amqp: &AmqpSettings) -> Result<(Connection, String), (String, bool)> {
-    let mut errors = Vec::new();
-    let mut misconfigured = false;
-    for url in &amqp.urls {
+/// Tries each URL in order, each attempt bounded by [`CONNECT_TIMEOUT`] so a silent
+/// broker is reported like a refusing one; the first that succeeds wins, returned
+/// with its URL (password redacted). Shared by the link and `tail`.
+pub async fn first_that_connects<'a, T, E, F, Fut>(
+    urls: &'a [String],
+    mut attempt: F,
+) -> Result<(T, String), Vec<(String, Attempt<E>)>>
+where
+    F: FnMut(&'a str) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut failures = Vec::new();
+    for url in urls {
         let shown = redact_url(url);
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect_one(url, amqp)).await {
-            Ok(Ok(connection)) => return Ok((connection, shown)),
-            Ok(Err(e)) => {
-                misconfigured |= matches!(e, ConnectError::Topology(_));
-                errors.push(format!("{shown}: {e}"));
-            }
-            Err(_) => errors.push(format!("{shown}: no answer within {CONNECT_TIMEOUT:?}")),
+        match tokio::time::timeout(CONNECT_TIMEOUT, attempt(url)).await {
+            Ok(Ok(connected)) => return Ok((connected, shown)),
+            Ok(Err(e)) => failures.push((shown, Attempt::Failed(e))),
+            Err(_) => failures.push((shown, Attempt::TimedOut)),
         }
     }
-    Err((errors.join("; "), misconfigured))
+    Err(failures)
+}
+
+/// Why one URL of [`first_that_connects`] gave nothing.
+#[derive(Debug)]
+pub enum Attempt<E> {
+    /// The broker answered with a failure.
+    Failed(E),
+    /// No answer within [`CONNECT_TIMEOUT`].
+    TimedOut,
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for Attempt<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attempt::Failed(e) => e.fmt(f),
+            Attempt::TimedOut => write!(f, "no answer within {CONNECT_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// One `url: reason` per failed URL, for logs and errors.
+pub fn describe<E: std::fmt::Display>(failures: &[(String, Attempt<E>)]) -> String {
+    failures
+        .iter()
+        .map(|(url, why)| format!("{url}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The link's attempt: connect and set up the topology. The error tells whether
+/// any broker answered with a topology problem (an operator's to fix, not a retry's).
+async fn connect_any(amqp: &AmqpSettings) -> Result<(Connection, String), (String, bool)> {
+    first_that_connects(&amqp.urls, |url| connect_one(url, amqp))
+        .await
+        .map_err(|failures| {
+            let misconfigured = failures
+                .iter()
+                .any(|(_, why)| matches!(why, Attempt::Failed(ConnectError::Topology(_))));
+            (describe(&failures), misconfigured)
+        })
 }
 
 /// Why one connection attempt failed.
