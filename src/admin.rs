@@ -49,7 +49,6 @@ pub struct Readiness {
 
 /// Handler of the admin listener.
 pub struct Admin {
-    mode: AckMode,
     link: Link,
     spool: Option<(Spool, u64)>,
     metrics: Arc<Metrics>,
@@ -58,16 +57,15 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// `spool` is the spool and its byte limit, in spooled mode.
+    /// `spool` is the spool and its byte limit in spooled mode, `None` in confirmed
+    /// mode: the one fact the mode is read from.
     pub fn new(
-        mode: AckMode,
         link: Link,
         spool: Option<(Spool, u64)>,
         metrics: Arc<Metrics>,
         supervisor: Supervisor,
     ) -> Self {
         Admin {
-            mode,
             link,
             spool,
             metrics,
@@ -95,12 +93,14 @@ impl Admin {
                 has_room: stats.has_room,
             }
         });
-        let ready = match (&self.mode, &spool) {
+        let (mode, ready) = match &spool {
             // Spooled: accepting needs a healthy spool with room; the broker may be away,
             // but not misconfigured, since then nothing spooled could ever leave.
-            (AckMode::Spooled, Some(s)) => !s.degraded && s.has_room && !broker.misconfigured,
-            (AckMode::Spooled, None) => false,
-            (AckMode::Confirmed, _) => broker.connected && !broker.blocked,
+            Some(s) => (
+                AckMode::Spooled,
+                !s.degraded && s.has_room && !broker.misconfigured,
+            ),
+            None => (AckMode::Confirmed, broker.connected && !broker.blocked),
         };
         let draining = self.draining.load(Ordering::Relaxed);
         let failure = self.supervisor.failure().map(|f| f.to_string());
@@ -108,7 +108,7 @@ impl Admin {
             ready: ready && !draining && failure.is_none(),
             draining,
             failure,
-            mode: self.mode,
+            mode,
             broker,
             spool,
         }

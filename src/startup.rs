@@ -160,7 +160,6 @@ impl Application {
             supervisor.clone(),
         ));
         let admin_handler = Arc::new(Admin::new(
-            settings.delivery.ack,
             link,
             spool.clone().map(|s| (s, settings.spool.max_bytes)),
             metrics,
