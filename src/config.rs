@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{DEFAULT_ACCEPT, DEFAULT_ROUTING_KEY, RoutingKeyTemplate};
+use crate::event::{DEFAULT_ACCEPT, RoutingKeyTemplate};
 use crate::net::Cidr;
 
 /// Prefix of environment overrides: `BRIDGE_<SECTION>__<KEY>`.
@@ -245,7 +245,8 @@ pub struct AmqpSettings {
     #[serde(serialize_with = "redact_urls")]
     pub urls: Vec<String>,
     pub exchange: String,
-    pub routing_key: String,
+    /// Parsed once at load; a bad template stops the start naming the key.
+    pub routing_key: RoutingKeyTemplate,
     pub declare: bool,
     pub publish_timeout_ms: u64,
     pub max_unconfirmed: usize,
@@ -277,7 +278,7 @@ impl Default for AmqpSettings {
         AmqpSettings {
             urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()],
             exchange: "cellosign.events".into(),
-            routing_key: DEFAULT_ROUTING_KEY.into(),
+            routing_key: RoutingKeyTemplate::default(),
             declare: true,
             publish_timeout_ms: 5000,
             max_unconfirmed: 1024,
@@ -601,9 +602,6 @@ impl Settings {
         }
         if amqp.exchange.is_empty() || amqp.exchange.len() > 200 {
             return Err(invalid("amqp.exchange", "must be 1..=200 bytes"));
-        }
-        if let Err(e) = amqp.routing_key.parse::<RoutingKeyTemplate>() {
-            return Err(invalid("amqp.routing_key", e.to_string()));
         }
         if amqp.publish_timeout_ms == 0 {
             return Err(invalid("amqp.publish_timeout_ms", "must be > 0"));

@@ -18,7 +18,7 @@ use crate::broker::Link;
 use crate::config::{AckMode, Settings};
 use crate::dedup::Dedup;
 use crate::delivery::Delivery;
-use crate::event::{Policy, RoutingKeyTemplate};
+use crate::event::Policy;
 use crate::forwarder::Forwarder;
 use crate::ingress::{Ingress, IngressLimits};
 use crate::metrics::Metrics;
@@ -40,8 +40,6 @@ pub enum StartError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("amqp.routing_key: {0}")]
-    RoutingKey(#[from] crate::event::TemplateError),
 }
 
 /// A built, bound application, not yet serving.
@@ -74,7 +72,6 @@ impl Application {
             Some(tls) => Some(tls_acceptor(&tls.cert_file, &tls.key_file)?),
             None => None,
         };
-        let template: RoutingKeyTemplate = settings.amqp.routing_key.parse()?;
         let http = bind("http.listen", settings.http.listen).await?;
         let admin = bind("admin.listen", settings.admin.listen).await?;
         let spool = match settings.delivery.ack {
@@ -139,7 +136,10 @@ impl Application {
         if auth.is_open() {
             warn!("auth.tokens is empty: anyone who can reach the webhook can post events");
         }
-        let policy = Policy::new(settings.events.accept.clone(), template);
+        let policy = Policy::new(
+            settings.events.accept.clone(),
+            settings.amqp.routing_key.clone(),
+        );
         let dedup = Dedup::new(
             Duration::from_secs(settings.events.dedup_window_s),
             settings.events.dedup_max_ids,

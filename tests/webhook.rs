@@ -209,7 +209,7 @@ async fn a_queue_bound_to_one_reference_gets_only_its_events_in_order() {
 #[tokio::test]
 async fn routing_key_template_uses_other_fields() {
     let app = spawn_app(AckMode::Confirmed, |s| {
-        s.amqp.routing_key = "{event.type}.{session.recipient.name}".into()
+        s.amqp.routing_key = "{event.type}.{session.recipient.name}".parse().unwrap()
     })
     .await;
     let exchange = app.settings.amqp.exchange.clone();

@@ -155,6 +155,21 @@ impl fmt::Display for RoutingKeyTemplate {
     }
 }
 
+/// Settings hold the parsed template: it is read from its text form once, at load.
+impl<'de> serde::Deserialize<'de> for RoutingKeyTemplate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let source = String::deserialize(d)?;
+        source.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Written back as the text it was read from (`check-config`).
+impl serde::Serialize for RoutingKeyTemplate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
+}
+
 impl Default for RoutingKeyTemplate {
     /// `{session.reference}`, the spec's default.
     fn default() -> Self {
