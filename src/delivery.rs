@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::dedup::{Claim, Pending};
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, encode_event};
+use crate::event::Event;
 use crate::publish::{DirectPublisher, PublishError};
 use crate::spool::{Spool, SpoolError};
 
@@ -40,14 +42,23 @@ pub enum Delivery {
 }
 
 impl Delivery {
-    /// Makes `envelope` durable, or says why not; settles `claim` once it is durable.
-    pub async fn accept(&self, envelope: Envelope, claim: Claim) -> Result<(), DeliveryError> {
+    /// Makes the validated `event` (with its `body`, received at `received_at_ms`) durable,
+    /// or says why not; settles `claim` once it is durable. Takes the event borrowed: the
+    /// spool record is encoded straight from it, and only `confirmed` mode builds an
+    /// [`Envelope`].
+    pub async fn accept(
+        &self,
+        event: &Event<'_>,
+        body: &Bytes,
+        received_at_ms: u64,
+        claim: Claim,
+    ) -> Result<(), DeliveryError> {
         match self {
             Delivery::Spooled(spool) => {
                 let limit = spool.append_timeout();
                 let (tx, rx) = oneshot::channel();
                 let spool = spool.clone();
-                let record = envelope.encode();
+                let record = encode_event(event, body, received_at_ms);
                 // The append runs to its end even when the caller is answered (or gone) first,
                 // so the claim always ends up settled or released by the real outcome.
                 tokio::spawn(async move {
@@ -69,6 +80,7 @@ impl Delivery {
                 }
             }
             Delivery::Confirmed(publisher) => {
+                let envelope = Envelope::new(event, body.clone(), received_at_ms);
                 publisher
                     .publish(&envelope)
                     .await

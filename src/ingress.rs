@@ -5,6 +5,7 @@
 //! address 403, token 401, content type 415, size 413, in flight 429, JSON 400,
 //! validation 422, storing 503. Everything up to 429 is decided from the head.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -13,16 +14,16 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::info;
 
 use crate::auth::Auth;
 use crate::dedup::{Check, Dedup};
 use crate::delivery::{Delivery, DeliveryError};
-use crate::envelope::Envelope;
-use crate::event::{Policy, validate};
-use crate::metrics::{Metrics, TypeLabel};
+use crate::event::{Event, Policy, Rejection, validate};
+use crate::metrics::{AcceptedCounters, Metrics};
 use crate::server::Handler;
 use crate::supervisor::Supervisor;
 
@@ -30,6 +31,9 @@ use crate::supervisor::Supervisor;
 const RETRY_AFTER_BUSY_S: &str = "1";
 /// Seconds a caller is asked to wait after 503.
 const RETRY_AFTER_UNAVAILABLE_S: &str = "5";
+/// The body of every "0" answer, the bytes `answer` would render for it: built once, not
+/// serialised per accepted event.
+const ACCEPTED_BODY: &[u8] = br#"{"status":"0","errordesc":""}"#;
 
 /// Limits of the public endpoint.
 #[derive(Debug, Clone)]
@@ -48,6 +52,8 @@ pub struct Ingress {
     dedup: Dedup,
     delivery: Delivery,
     metrics: Arc<Metrics>,
+    /// `events_accepted_total` of each accepted type, counted without building a label.
+    accepted: AcceptedCounters,
     /// Once a background task died nothing may be answered "0": it might never be forwarded.
     supervisor: Supervisor,
     in_flight: Semaphore,
@@ -56,12 +62,13 @@ pub struct Ingress {
 /// A refused request: its HTTP code, the reason shown to the caller, and a metric label.
 struct Refusal {
     status: StatusCode,
-    reason: String,
+    /// Borrowed when fixed, so refusing a flood of requests does not allocate reasons.
+    reason: Cow<'static, str>,
     metric: &'static str,
 }
 
 impl Refusal {
-    fn new(status: StatusCode, reason: impl Into<String>, metric: &'static str) -> Self {
+    fn new(status: StatusCode, reason: impl Into<Cow<'static, str>>, metric: &'static str) -> Self {
         Refusal {
             status,
             reason: reason.into(),
@@ -70,12 +77,26 @@ impl Refusal {
     }
 }
 
-/// What the request log line says about the event, once known.
-#[derive(Default)]
-struct LogFields {
-    event_type: Option<String>,
-    session_id: Option<String>,
-    reference: Option<String>,
+impl From<Rejection> for Refusal {
+    /// 400 for a malformed body, 422 for an invalid event, with the validator's reason.
+    fn from(rejection: Rejection) -> Self {
+        Refusal {
+            status: StatusCode::from_u16(rejection.http_status())
+                .unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+            reason: rejection.to_string().into(),
+            metric: rejection.metric_reason(),
+        }
+    }
+}
+
+/// What the answer and its log line need of a request: borrowed from it, never copied.
+struct Seen<'r> {
+    /// Method and path for the log line (the path only: the query may carry the token).
+    head: &'r Parts,
+    /// The TCP peer, for the log line.
+    peer: SocketAddr,
+    /// When the request arrived, for the answer latency.
+    started: Instant,
 }
 
 impl Ingress {
@@ -90,6 +111,7 @@ impl Ingress {
         supervisor: Supervisor,
     ) -> Self {
         let in_flight = Semaphore::new(limits.max_in_flight);
+        let accepted = metrics.accepted_counters(policy.accept());
         Ingress {
             limits,
             auth,
@@ -97,6 +119,7 @@ impl Ingress {
             dedup,
             delivery,
             metrics,
+            accepted,
             supervisor,
             in_flight,
         }
@@ -107,41 +130,43 @@ impl Ingress {
         &self.delivery
     }
 
-    async fn process(
+    /// The checks decided from the head, up to 429, then the body: the body and the
+    /// in-flight permit, which the caller holds until the event is stored.
+    async fn admit(
         &self,
-        req: Request<Incoming>,
+        head: &Parts,
+        body: Incoming,
         peer: SocketAddr,
-        log: &mut LogFields,
-    ) -> Result<(), Refusal> {
-        if req.uri().path() != self.limits.path {
+    ) -> Result<(SemaphorePermit<'_>, Bytes), Refusal> {
+        if head.uri.path() != self.limits.path {
             return Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "unknown path",
                 "not_found",
             ));
         }
-        if req.method() != Method::POST {
+        if head.method != Method::POST {
             return Err(Refusal::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed, use POST",
                 "method",
             ));
         }
-        if !self.auth.client_allowed(peer.ip(), req.headers()) {
+        if !self.auth.client_allowed(peer.ip(), &head.headers) {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "client address not allowed",
                 "forbidden",
             ));
         }
-        if !self.auth.token_valid(req.headers(), req.uri().query()) {
+        if !self.auth.token_valid(&head.headers, head.uri.query()) {
             return Err(Refusal::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or invalid token",
                 "unauthorized",
             ));
         }
-        if let Some(ct) = req.headers().get(CONTENT_TYPE)
+        if let Some(ct) = head.headers.get(CONTENT_TYPE)
             && !is_json(ct)
         {
             return Err(Refusal::new(
@@ -150,34 +175,32 @@ impl Ingress {
                 "content_type",
             ));
         }
-        let declared = req
-            .headers()
+        let declared = head
+            .headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.limits.max_body_bytes as u64) {
             return Err(self.too_large());
         }
-        let _permit = self.in_flight.try_acquire().map_err(|_| {
+        let permit = self.in_flight.try_acquire().map_err(|_| {
             Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests in flight",
                 "overloaded",
             )
         })?;
-        let body = self.read_body(req.into_body()).await?;
-        let received_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let event = validate(&body, &self.policy).map_err(|rejection| Refusal {
-            status: StatusCode::from_u16(rejection.http_status())
-                .unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
-            reason: rejection.to_string(),
-            metric: rejection.metric_reason(),
-        })?;
-        log.event_type = Some(event.event_type.to_string());
-        log.session_id = Some(event.session_id.to_string());
-        log.reference = Some(event.reference.to_string());
+        let body = self.read_body(body).await?;
+        Ok((permit, body))
+    }
+
+    /// Dedup and delivery of a validated event: Ok once it is durable (or was already).
+    async fn store(
+        &self,
+        event: &Event<'_>,
+        body: &Bytes,
+        received_at_ms: u64,
+    ) -> Result<(), Refusal> {
         let unavailable = |e: DeliveryError| {
             let metric = match e {
                 DeliveryError::Full => "spool_full",
@@ -211,17 +234,11 @@ impl Ingress {
             }
             Check::Claimed(claim) => claim,
         };
-        let envelope = Envelope::new(&event, body.clone(), received_at_ms);
         self.delivery
-            .accept(envelope, claim)
+            .accept(event, body, received_at_ms, claim)
             .await
             .map_err(unavailable)?;
-        self.metrics
-            .events_accepted
-            .get_or_create(&TypeLabel {
-                r#type: event.event_type.to_string(),
-            })
-            .inc();
+        self.accepted.count(&event.event_type);
         Ok(())
     }
 
@@ -251,21 +268,20 @@ impl Ingress {
             )),
         }
     }
-}
 
-impl Handler for Ingress {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
-        let started = Instant::now();
-        let method = req.method().clone();
-        // The path only: the query may carry the token.
-        let path = req.uri().path().to_string();
-        let mut log = LogFields::default();
-        let result = self.process(req, peer, &mut log).await;
+    /// The answer to a request, its metrics and its log line. `event` is the validated
+    /// event, once there is one: the log line borrows its fields.
+    fn respond(
+        &self,
+        seen: &Seen<'_>,
+        event: Option<&Event<'_>>,
+        result: Result<(), Refusal>,
+    ) -> Response<Full<Bytes>> {
         let response = match &result {
             Ok(()) => {
                 self.metrics
                     .ack_latency
-                    .observe(started.elapsed().as_secs_f64());
+                    .observe(seen.started.elapsed().as_secs_f64());
                 answer(StatusCode::OK, "")
             }
             Err(refusal) => {
@@ -298,18 +314,49 @@ impl Handler for Ingress {
         self.metrics.count_request(code);
         info!(
             target: "cellosign_bridge::request",
-            %method,
-            %path,
-            peer = %peer.ip(),
+            method = %seen.head.method,
+            path = %seen.head.uri.path(),
+            peer = %seen.peer.ip(),
             code,
-            event_type = log.event_type.as_deref().unwrap_or("-"),
-            session_id = log.session_id.as_deref().unwrap_or("-"),
-            reference = log.reference.as_deref().unwrap_or("-"),
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-            reason = result.as_ref().err().map_or("", |r| r.reason.as_str()),
+            event_type = event.map_or("-", |e| &e.event_type),
+            session_id = event.map_or("-", |e| &e.session_id),
+            reference = event.map_or("-", |e| &e.reference),
+            latency_ms = seen.started.elapsed().as_secs_f64() * 1000.0,
+            reason = result.as_ref().err().map_or("", |r| &r.reason),
             "webhook"
         );
         response
+    }
+}
+
+impl Handler for Ingress {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        // The head stays here until the log line, which borrows method and path from it.
+        let (head, body) = req.into_parts();
+        let seen = Seen {
+            head: &head,
+            peer,
+            started,
+        };
+        let (permit, body) = match self.admit(&head, body, peer).await {
+            Ok(admitted) => admitted,
+            Err(refusal) => return self.respond(&seen, None, Err(refusal)),
+        };
+        let received_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // Kept until the log line, which borrows its fields instead of copying them.
+        let event = match validate(&body, &self.policy) {
+            Ok(event) => event,
+            Err(rejection) => {
+                drop(permit);
+                return self.respond(&seen, None, Err(rejection.into()));
+            }
+        };
+        let result = self.store(&event, &body, received_at_ms).await;
+        drop(permit);
+        self.respond(&seen, Some(&event), result)
     }
 }
 
@@ -323,6 +370,7 @@ fn is_json(value: &HeaderValue) -> bool {
 }
 
 /// Cellosign's status body: `{"status":"0","errordesc":""}` or `"-1"` with a reason.
+/// The constant "0" body is [`ACCEPTED_BODY`], not serialised again.
 pub fn answer(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     /// Field order as Cellosign documents it.
     #[derive(serde::Serialize)]
@@ -330,13 +378,18 @@ pub fn answer(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
         status: &'static str,
         errordesc: &'a str,
     }
-    let code = if status == StatusCode::OK { "0" } else { "-1" };
-    let body = serde_json::to_string(&StatusBody {
-        status: code,
-        errordesc: reason,
-    })
-    .unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let body = if status == StatusCode::OK && reason.is_empty() {
+        Bytes::from_static(ACCEPTED_BODY)
+    } else {
+        let code = if status == StatusCode::OK { "0" } else { "-1" };
+        let body = serde_json::to_string(&StatusBody {
+            status: code,
+            errordesc: reason,
+        })
+        .unwrap_or_default();
+        Bytes::from(body)
+    };
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -382,6 +435,28 @@ mod tests {
         assert_eq!(
             bytes.as_deref(),
             Some(&br#"{"status":"0","errordesc":""}"#[..])
+        );
+    }
+
+    #[test]
+    fn the_prebuilt_accepted_body_is_what_serde_renders() {
+        #[derive(serde::Serialize)]
+        struct StatusBody {
+            status: &'static str,
+            errordesc: &'static str,
+        }
+        let rendered = serde_json::to_vec(&StatusBody {
+            status: "0",
+            errordesc: "",
+        });
+        assert_eq!(rendered.ok().as_deref(), Some(ACCEPTED_BODY));
+        // A 200 with a reason (no caller sends one) is still rendered, not the constant.
+        let with_reason = answer(StatusCode::OK, "x");
+        let body = http_body_util::BodyExt::collect(with_reason.into_body()).now_or_never();
+        let bytes = body.and_then(Result::ok).map(|c| c.to_bytes());
+        assert_eq!(
+            bytes.as_deref(),
+            Some(&br#"{"status":"0","errordesc":"x"}"#[..])
         );
     }
 }

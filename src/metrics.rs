@@ -1,5 +1,7 @@
 //! Prometheus metrics: one struct that every part updates, rendered by the admin listener.
 
+use std::sync::OnceLock;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -15,6 +17,7 @@ pub struct CodeLabel {
 }
 
 /// Label of `events_accepted_total`; only accepted types reach it, so cardinality is bounded.
+/// Counted through [`AcceptedCounters`], which builds each label once, not per event.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
     pub r#type: String,
@@ -145,11 +148,91 @@ impl Metrics {
             .inc();
     }
 
+    /// The `events_accepted_total` counters of the configured `types`, for the hot path.
+    pub fn accepted_counters(&self, types: &[String]) -> AcceptedCounters {
+        AcceptedCounters {
+            family: self.events_accepted.clone(),
+            by_type: types
+                .iter()
+                .map(|t| (t.as_str().into(), OnceLock::new()))
+                .collect(),
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// `events_accepted_total` by type, counted without allocating or locking: counting an event
+/// compares its type with the configured ones and bumps that type's atomic counter.
+///
+/// Each type's counter joins the family (one owned label, once per process) on its first
+/// event, so the exposition lists exactly the types seen, as `get_or_create` per event did.
+/// Nothing removes series from the family, so a kept counter stays the one it exports.
+pub struct AcceptedCounters {
+    /// Shares its counters with [`Metrics::events_accepted`].
+    family: Family<TypeLabel, Counter>,
+    /// Each configured type and, once it was seen, its counter in `family`.
+    by_type: Box<[(Box<str>, OnceLock<Counter>)]>,
+}
+
+impl AcceptedCounters {
+    /// Counts one accepted event of `event_type`.
+    pub fn count(&self, event_type: &str) {
+        match self.by_type.iter().find(|(t, _)| **t == *event_type) {
+            Some((t, counter)) => counter
+                .get_or_init(|| {
+                    self.family.get_or_create_owned(&TypeLabel {
+                        r#type: t.to_string(),
+                    })
+                })
+                .inc(),
+            // Validation lets only configured types through; counted all the same.
+            None => self
+                .family
+                .get_or_create(&TypeLabel {
+                    r#type: event_type.to_owned(),
+                })
+                .inc(),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_counters_show_only_seen_types_with_their_names() {
+        let m = Metrics::new();
+        let types = [
+            "WHEF_SESSION_CREATED".to_string(),
+            "CUSTOM_TYPE".to_string(),
+        ];
+        let counters = m.accepted_counters(&types);
+        assert!(!m.render().contains("events_accepted_total{"));
+        counters.count("WHEF_SESSION_CREATED");
+        counters.count("WHEF_SESSION_CREATED");
+        counters.count("CUSTOM_TYPE");
+        counters.count("NOT_CONFIGURED");
+        let text = m.render();
+        for line in [
+            r#"cellosign_bridge_events_accepted_total{type="WHEF_SESSION_CREATED"} 2"#,
+            r#"cellosign_bridge_events_accepted_total{type="CUSTOM_TYPE"} 1"#,
+            r#"cellosign_bridge_events_accepted_total{type="NOT_CONFIGURED"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // A second set (another ingress on the same metrics) shares the same series.
+        m.accepted_counters(&types).count("CUSTOM_TYPE");
+        assert!(
+            m.render()
+                .contains(r#"cellosign_bridge_events_accepted_total{type="CUSTOM_TYPE"} 2"#)
+        );
     }
 }
