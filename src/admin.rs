@@ -59,7 +59,7 @@ pub struct Admin {
 impl Admin {
     /// `spool` is the spool and its byte limit in spooled mode, `None` in confirmed
     /// mode: the one fact the mode is read from.
-    pub fn new(
+    pub(crate) fn new(
         link: Link,
         spool: Option<(Spool, u64)>,
         metrics: Arc<Metrics>,
@@ -75,12 +75,12 @@ impl Admin {
     }
 
     /// Marks the bridge as shutting down, so load balancers stop sending to it.
-    pub fn set_draining(&self) {
+    pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Whether an event posted now would be accepted, and why (not).
-    pub fn readiness(&self) -> Readiness {
+    pub(crate) fn readiness(&self) -> Readiness {
         let broker = self.link.status();
         let spool = self.spool.as_ref().map(|(spool, max_bytes)| {
             let stats = spool.stats();

@@ -23,7 +23,7 @@ pub struct Auth {
 
 impl Auth {
     /// From `auth.*` and `http.trusted_proxies`.
-    pub fn new(settings: &AuthSettings, trusted_proxies: &[Cidr]) -> Self {
+    pub(crate) fn new(settings: &AuthSettings, trusted_proxies: &[Cidr]) -> Self {
         Auth {
             tokens: settings
                 .tokens
@@ -37,12 +37,12 @@ impl Auth {
     }
 
     /// Whether no token is required (the bridge warns about it at start).
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.tokens.is_empty()
     }
 
     /// Whether the client (behind trusted proxies) may post at all.
-    pub fn client_allowed(&self, peer: IpAddr, headers: &HeaderMap) -> bool {
+    pub(crate) fn client_allowed(&self, peer: IpAddr, headers: &HeaderMap) -> bool {
         if self.allow_from.is_empty() {
             return true;
         }
@@ -57,7 +57,7 @@ impl Auth {
     }
 
     /// Whether the request carries a configured token (always true when none are configured).
-    pub fn token_valid(&self, headers: &HeaderMap, query: Option<&str>) -> bool {
+    pub(crate) fn token_valid(&self, headers: &HeaderMap, query: Option<&str>) -> bool {
         if self.is_open() {
             return true;
         }

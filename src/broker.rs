@@ -97,7 +97,7 @@ impl Link {
     }
 
     /// The current connection, if the link is up and not blocked.
-    pub fn connection(&self) -> Option<Arc<Connection>> {
+    pub(crate) fn connection(&self) -> Option<Arc<Connection>> {
         match &*self.state.borrow() {
             LinkState::Up {
                 connection,
@@ -128,7 +128,7 @@ impl Link {
     }
 
     /// A snapshot for `/readyz`.
-    pub fn status(&self) -> LinkStatus {
+    pub(crate) fn status(&self) -> LinkStatus {
         match &*self.state.borrow() {
             LinkState::Down {
                 last_error,
@@ -153,7 +153,7 @@ impl Link {
 
 /// Reconnect delay before attempt `failures` (1-based): capped doubling with
 /// "equal jitter" (half fixed, half random) so replicas do not reconnect in step.
-pub fn backoff(initial: Duration, cap: Duration, failures: u32) -> Duration {
+pub(crate) fn backoff(initial: Duration, cap: Duration, failures: u32) -> Duration {
     let exp = initial.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
     let base = exp.min(cap);
     let random = RandomState::new().hash_one(Instant::now()) as f64 / u64::MAX as f64;
@@ -205,7 +205,7 @@ async fn maintain(amqp: AmqpSettings, metrics: Arc<Metrics>, tx: &watch::Sender<
 /// Tries each URL in order, each attempt bounded by [`CONNECT_TIMEOUT`] so a silent
 /// broker is reported like a refusing one; the first that succeeds wins, returned
 /// with its URL (password redacted). Shared by the link and `tail`.
-pub async fn first_that_connects<'a, T, E, F, Fut>(
+pub(crate) async fn first_that_connects<'a, T, E, F, Fut>(
     urls: &'a [String],
     mut attempt: F,
 ) -> Result<(T, String), Vec<(String, Attempt<E>)>>
@@ -244,7 +244,7 @@ impl<E: std::fmt::Display> std::fmt::Display for Attempt<E> {
 }
 
 /// One `url: reason` per failed URL, for logs and errors.
-pub fn describe<E: std::fmt::Display>(failures: &[(String, Attempt<E>)]) -> String {
+pub(crate) fn describe<E: std::fmt::Display>(failures: &[(String, Attempt<E>)]) -> String {
     failures
         .iter()
         .map(|(url, why)| format!("{url}: {why}"))

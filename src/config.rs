@@ -113,17 +113,17 @@ pub struct HttpSettings {
 
 impl HttpSettings {
     /// A client must send a complete request head within this.
-    pub fn header_read_timeout(&self) -> Duration {
+    pub(crate) fn header_read_timeout(&self) -> Duration {
         Duration::from_millis(self.header_read_timeout_ms)
     }
 
     /// A request body must arrive within this.
-    pub fn body_read_timeout(&self) -> Duration {
+    pub(crate) fn body_read_timeout(&self) -> Duration {
         Duration::from_millis(self.body_read_timeout_ms)
     }
 
     /// A connection with no request in progress is closed after this.
-    pub fn idle_timeout(&self) -> Duration {
+    pub(crate) fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
     }
 }
@@ -223,7 +223,7 @@ pub struct SpoolSettings {
 
 impl SpoolSettings {
     /// An append not durable within this answers 503.
-    pub fn append_timeout(&self) -> Duration {
+    pub(crate) fn append_timeout(&self) -> Duration {
         Duration::from_millis(self.append_timeout_ms)
     }
 }
@@ -258,17 +258,17 @@ pub struct AmqpSettings {
 
 impl AmqpSettings {
     /// A publish not confirmed within this counts as failed.
-    pub fn publish_timeout(&self) -> Duration {
+    pub(crate) fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
     }
 
     /// First retry delay after a failure (doubling, with jitter).
-    pub fn reconnect_initial(&self) -> Duration {
+    pub(crate) fn reconnect_initial(&self) -> Duration {
         Duration::from_millis(self.reconnect_initial_ms)
     }
 
     /// Cap of the retry delay.
-    pub fn reconnect_max(&self) -> Duration {
+    pub(crate) fn reconnect_max(&self) -> Duration {
         Duration::from_millis(self.reconnect_max_ms)
     }
 }
@@ -317,7 +317,7 @@ pub enum QueueKind {
 
 impl QueueKind {
     /// The value of the `x-queue-type` argument.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             QueueKind::Quorum => "quorum",
             QueueKind::Classic => "classic",
@@ -350,7 +350,7 @@ pub struct ShutdownSettings {
 
 impl ShutdownSettings {
     /// Time to drain after SIGTERM before exiting.
-    pub fn grace(&self) -> Duration {
+    pub(crate) fn grace(&self) -> Duration {
         Duration::from_millis(self.grace_ms)
     }
 }
@@ -429,7 +429,7 @@ fn redact_urls<S: serde::Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::
 }
 
 /// The URL with its password replaced, for logs and `check-config`.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };

@@ -51,7 +51,7 @@ pub struct DirectPublisher {
 impl DirectPublisher {
     /// Starts the publishing task on `link`; it runs until `stop` is cancelled.
     /// `timeout` bounds each publish from the request to its confirm.
-    pub fn start(
+    pub(crate) fn start(
         link: Link,
         exchange: String,
         timeout: Duration,
@@ -83,7 +83,7 @@ impl DirectPublisher {
     }
 
     /// Publishes and waits for a plain ack of this publish, at most the publish timeout.
-    pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
+    pub(crate) async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
         let deadline = Instant::now() + self.timeout;
         let (reply, answer) = oneshot::channel();
         let job = Job {

@@ -70,7 +70,7 @@ pub struct Pending {
 
 impl Pending {
     /// True once the stored copy is durable; false if storing it failed.
-    pub async fn durable(mut self) -> bool {
+    pub(crate) async fn durable(mut self) -> bool {
         match self.rx.wait_for(|o| *o != Outcome::Storing).await {
             Ok(outcome) => *outcome == Outcome::Durable,
             // The claim went away without a word: it did not become durable.
@@ -88,7 +88,7 @@ pub struct Claim {
 
 impl Claim {
     /// The event is durable: this id now answers "0", and so do the copies waiting.
-    pub fn settle(mut self) {
+    pub(crate) fn settle(mut self) {
         let Some((shared, id)) = self.held.take() else {
             return;
         };
@@ -150,7 +150,7 @@ impl State {
 
 impl Dedup {
     /// `window` zero disables it: every copy is stored.
-    pub fn new(window: Duration, max_ids: usize) -> Self {
+    pub(crate) fn new(window: Duration, max_ids: usize) -> Self {
         Dedup {
             shared: Arc::new(Shared {
                 window,
@@ -162,7 +162,7 @@ impl Dedup {
 
     /// In one step: whether `id` was accepted within the window, is being stored now, or
     /// is claimed by this call.
-    pub fn check(&self, id: &str) -> Check {
+    pub(crate) fn check(&self, id: &str) -> Check {
         let shared = &self.shared;
         if shared.window.is_zero() {
             return Check::Claimed(Claim { held: None });

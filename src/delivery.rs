@@ -46,7 +46,7 @@ impl Delivery {
     /// or says why not; settles `claim` once it is durable. Takes the event borrowed: the
     /// spool record is encoded straight from it, and only `confirmed` mode builds an
     /// [`Envelope`].
-    pub async fn accept(
+    pub(crate) async fn accept(
         &self,
         event: &Event<'_>,
         body: &Bytes,
@@ -94,7 +94,7 @@ impl Delivery {
     /// Waits for the copy of the same event that another request is storing: Ok once it
     /// is durable. In `spooled` mode no longer than the append timeout; in `confirmed`
     /// mode that publish is bounded by its own timeout.
-    pub async fn await_copy(&self, pending: Pending) -> Result<(), DeliveryError> {
+    pub(crate) async fn await_copy(&self, pending: Pending) -> Result<(), DeliveryError> {
         let durable = match self {
             Delivery::Spooled(spool) => {
                 let limit = spool.append_timeout();

@@ -94,7 +94,7 @@ impl Envelope {
 /// The spool record of a validated event: the bytes `Envelope::new(event, ..).encode()`
 /// gives, written straight from the event's fields and the body, so accepting an event
 /// does not copy five strings into an envelope only to copy them again into the record.
-pub fn encode_event(event: &Event<'_>, body: &[u8], received_at_ms: u64) -> Bytes {
+pub(crate) fn encode_event(event: &Event<'_>, body: &[u8], received_at_ms: u64) -> Bytes {
     let fields = [
         event.routing_key.as_str(),
         event.message_id.as_str(),

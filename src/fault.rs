@@ -14,7 +14,7 @@ pub const ENV: &str = "CELLOSIGN_BRIDGE_FAULTS";
 
 /// Whether fault `point` is on; with a value when one was given (`point=ms`).
 #[cfg(feature = "fault-injection")]
-pub fn armed(point: &str) -> Option<Duration> {
+pub(crate) fn armed(point: &str) -> Option<Duration> {
     use std::sync::OnceLock;
     static FAULTS: OnceLock<Vec<(String, Duration)>> = OnceLock::new();
     FAULTS
@@ -40,14 +40,14 @@ pub fn armed(point: &str) -> Option<Duration> {
 /// Whether fault `point` is on: never, in a build without `fault-injection`.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
-pub fn armed(_point: &str) -> Option<Duration> {
+pub(crate) fn armed(_point: &str) -> Option<Duration> {
     None
 }
 
 /// Whether one-shot fault `point` fires now: true the first time it is asked while
 /// armed, false ever after (e.g. "fail the first commit holding appends").
 #[cfg(feature = "fault-injection")]
-pub fn once(point: &str) -> bool {
+pub(crate) fn once(point: &str) -> bool {
     use std::sync::Mutex;
     static FIRED: Mutex<Vec<String>> = Mutex::new(Vec::new());
     if armed(point).is_none() {
@@ -64,6 +64,6 @@ pub fn once(point: &str) -> bool {
 /// Whether one-shot fault `point` fires now: never, in a build without `fault-injection`.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
-pub fn once(_point: &str) -> bool {
+pub(crate) fn once(_point: &str) -> bool {
     false
 }

@@ -101,7 +101,7 @@ struct Seen<'r> {
 
 impl Ingress {
     /// Assembles the handler.
-    pub fn new(
+    pub(crate) fn new(
         limits: IngressLimits,
         auth: Auth,
         policy: Policy,
@@ -123,11 +123,6 @@ impl Ingress {
             supervisor,
             in_flight,
         }
-    }
-
-    /// The delivery path, for readiness.
-    pub fn delivery(&self) -> &Delivery {
-        &self.delivery
     }
 
     /// The checks decided from the head, up to 429, then the body: the body and the
@@ -371,7 +366,7 @@ fn is_json(value: &HeaderValue) -> bool {
 
 /// Cellosign's status body: `{"status":"0","errordesc":""}` or `"-1"` with a reason.
 /// The constant "0" body is [`ACCEPTED_BODY`], not serialised again.
-pub fn answer(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+pub(crate) fn answer(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     /// Field order as Cellosign documents it.
     #[derive(serde::Serialize)]
     struct StatusBody<'a> {

@@ -3,10 +3,9 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cellosign_bridge::cli::{Cli, Command, SpoolCommand, spool_stats, tail};
-use cellosign_bridge::config::{Settings, Sources};
-use cellosign_bridge::startup::Application;
-use cellosign_bridge::telemetry;
+use cellosign_bridge::Application;
+use cellosign_bridge::{Cli, Command, SpoolCommand, spool_stats, tail};
+use cellosign_bridge::{Settings, Sources};
 use clap::Parser;
 
 #[tokio::main]
@@ -26,7 +25,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Settings::load(&Sources::standard(cli.config.clone())).context("invalid configuration")?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            telemetry::init(&settings.log);
+            cellosign_bridge::init_telemetry(&settings.log);
             let app = Application::build(settings).await.context("cannot start")?;
             let result = app.run_until_stopped(shutdown_signal()).await;
             // Exit now: the runtime's drop would wait for blocking threads (a stalled
@@ -40,10 +39,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::CheckConfig => print!("{}", settings.redacted_toml()),
-        Command::Tail { binding } => tail::run(&settings, &binding).await?,
+        Command::Tail { binding } => tail(&settings, &binding).await?,
         Command::Spool {
             command: SpoolCommand::Stats,
-        } => println!("{}", spool_stats::run(&settings).await?),
+        } => println!("{}", spool_stats(&settings).await?),
     }
     Ok(())
 }

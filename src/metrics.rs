@@ -137,19 +137,19 @@ impl Metrics {
     }
 
     /// Counts an answer by HTTP code.
-    pub fn count_request(&self, code: u16) {
+    pub(crate) fn count_request(&self, code: u16) {
         self.http_requests.get_or_create(&CodeLabel { code }).inc();
     }
 
     /// Counts a refused event.
-    pub fn count_rejection(&self, reason: &'static str) {
+    pub(crate) fn count_rejection(&self, reason: &'static str) {
         self.events_rejected
             .get_or_create(&ReasonLabel { reason })
             .inc();
     }
 
     /// The `events_accepted_total` counters of the configured `types`, for the hot path.
-    pub fn accepted_counters(&self, types: &[String]) -> AcceptedCounters {
+    pub(crate) fn accepted_counters(&self, types: &[String]) -> AcceptedCounters {
         AcceptedCounters {
             family: self.events_accepted.clone(),
             by_type: types
@@ -160,7 +160,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -183,7 +183,7 @@ pub struct AcceptedCounters {
 
 impl AcceptedCounters {
     /// Counts one accepted event of `event_type`.
-    pub fn count(&self, event_type: &str) {
+    pub(crate) fn count(&self, event_type: &str) {
         match self.by_type.iter().find(|(t, _)| **t == *event_type) {
             Some((t, counter)) => counter
                 .get_or_init(|| {

@@ -13,13 +13,13 @@ pub struct Cidr(IpNet);
 
 impl Cidr {
     /// Whether `addr` lies in this network. IPv4-mapped IPv6 addresses count as IPv4.
-    pub fn contains(&self, addr: IpAddr) -> bool {
+    pub(crate) fn contains(&self, addr: IpAddr) -> bool {
         self.0.contains(&canonical(addr))
     }
 }
 
 /// `::ffff:10.0.0.1` (what a dual-stack socket reports) is the IPv4 host `10.0.0.1`.
-pub fn canonical(addr: IpAddr) -> IpAddr {
+pub(crate) fn canonical(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
         v4 => v4,
@@ -64,7 +64,7 @@ impl Serialize for Cidr {
 }
 
 /// Whether `addr` is in any of `nets`.
-pub fn any_contains(nets: &[Cidr], addr: IpAddr) -> bool {
+pub(crate) fn any_contains(nets: &[Cidr], addr: IpAddr) -> bool {
     nets.iter().any(|n| n.contains(addr))
 }
 
@@ -73,7 +73,7 @@ pub fn any_contains(nets: &[Cidr], addr: IpAddr) -> bool {
 ///
 /// Walking from the right stops a client from spoofing its address by sending
 /// its own `X-Forwarded-For`: only hops added by trusted proxies are skipped.
-pub fn client_addr<'a>(
+pub(crate) fn client_addr<'a>(
     peer: IpAddr,
     forwarded_for: impl Iterator<Item = &'a str>,
     trusted: &[Cidr],

@@ -49,7 +49,7 @@ pub async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2025-01-26T08:49:33.626Z`.
-pub fn rfc3339_millis(unix_ms: u64) -> String {
+pub(crate) fn rfc3339_millis(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
     // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
@@ -69,7 +69,7 @@ pub fn rfc3339_millis(unix_ms: u64) -> String {
 }
 
 /// The AMQP properties and headers of an envelope (SPEC 3).
-pub fn properties(envelope: &Envelope) -> BasicProperties {
+pub(crate) fn properties(envelope: &Envelope) -> BasicProperties {
     let mut headers = FieldTable::default();
     for (k, v) in [
         ("x-event-type", envelope.event_type.as_str()),
@@ -121,7 +121,7 @@ pub struct Tracked<T> {
 
 impl<T: Copy + Unpin> Tracked<T> {
     /// Tags `confirm` with `tag`.
-    pub fn new(tag: T, confirm: PublisherConfirm) -> Self {
+    pub(crate) fn new(tag: T, confirm: PublisherConfirm) -> Self {
         Tracked { tag, confirm }
     }
 }
@@ -143,7 +143,7 @@ impl<T: Copy + Unpin> Future for Tracked<T> {
 /// carries its return has resolved too (it is the same one or an earlier one). Judging
 /// a whole batch of resolved confirms at once, and matching returns by the message
 /// itself ([`returned_key`]), therefore never credits a returned publish as delivered.
-pub async fn settled<T: Copy + Unpin>(
+pub(crate) async fn settled<T: Copy + Unpin>(
     set: &mut FuturesUnordered<Tracked<T>>,
     out: &mut Vec<(T, Result<Confirmation, lapin::Error>)>,
 ) {
@@ -162,18 +162,18 @@ pub struct SendOrder(VecDeque<(Instant, u64)>);
 
 impl SendOrder {
     /// Records publish `id`, sent at `at`.
-    pub fn push(&mut self, at: Instant, id: u64) {
+    pub(crate) fn push(&mut self, at: Instant, id: u64) {
         self.0.push_back((at, id));
     }
 
     /// Forgets every publish.
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.0.clear();
     }
 
     /// When the oldest publish for which `pending` holds was sent; drops the
     /// settled ones in front on the way.
-    pub fn oldest(&mut self, pending: impl Fn(u64) -> bool) -> Option<Instant> {
+    pub(crate) fn oldest(&mut self, pending: impl Fn(u64) -> bool) -> Option<Instant> {
         while let Some(&(at, id)) = self.0.front() {
             if pending(id) {
                 return Some(at);
@@ -186,7 +186,7 @@ impl SendOrder {
 
 /// Sleeps until `at`, or for ever when there is nothing to wait for (a disabled
 /// `select!` timer).
-pub async fn sleep_until(at: Option<Instant>) {
+pub(crate) async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -194,7 +194,9 @@ pub async fn sleep_until(at: Option<Instant>) {
 }
 
 /// What identifies a returned message: its routing key and message id.
-pub fn returned_key(confirmation: &Result<Confirmation, lapin::Error>) -> Option<ReturnedKey<'_>> {
+pub(crate) fn returned_key(
+    confirmation: &Result<Confirmation, lapin::Error>,
+) -> Option<ReturnedKey<'_>> {
     match confirmation {
         Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))) => {
             Some(ReturnedKey {
@@ -237,7 +239,7 @@ pub enum Verdict {
 impl Verdict {
     /// The verdict on a resolved confirm, given whether its message was returned
     /// (to it or to a neighbour); counts nacks and returns.
-    pub fn of(
+    pub(crate) fn of(
         confirmation: Result<Confirmation, lapin::Error>,
         returned: Option<(u16, String)>,
         metrics: &Metrics,
@@ -257,7 +259,7 @@ impl Verdict {
     }
 
     /// As the error a caller sees, `None` when delivered.
-    pub fn into_error(self) -> Option<PublishError> {
+    pub(crate) fn into_error(self) -> Option<PublishError> {
         match self {
             Verdict::Delivered => None,
             Verdict::Nacked => Some(PublishError::Nacked),

@@ -55,7 +55,7 @@ pub struct ServerLimits {
 }
 
 /// Loads the PEM certificate chain and key for the public listener.
-pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsError> {
+pub(crate) fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsError> {
     let certs = CertificateDer::pem_file_iter(cert_file)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Pem("http.tls.cert_file", e.to_string()))?;
@@ -89,7 +89,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Accepts connections on `listener` until `shutdown` resolves, then stops
 /// accepting, lets requests in flight finish (up to the drain deadline) and returns.
-pub async fn serve<H: Handler>(
+pub(crate) async fn serve<H: Handler>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: Arc<H>,
@@ -282,7 +282,7 @@ fn log_end(peer: SocketAddr, result: Result<(), Box<dyn std::error::Error + Send
 /// Raises the soft open-files limit to the hard limit and logs both; the default
 /// soft limit (often 1024) would cap connections long before `http.max_connections`.
 /// Returns `(soft, hard)` as they are now, or `None` if they cannot be read.
-pub fn raise_nofile_limit() -> Option<(libc::rlim_t, libc::rlim_t)> {
+pub(crate) fn raise_nofile_limit() -> Option<(libc::rlim_t, libc::rlim_t)> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -37,7 +37,7 @@ impl Default for Supervisor {
 
 impl Supervisor {
     /// A new tree with nothing running.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Supervisor {
             root: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -47,13 +47,13 @@ impl Supervisor {
     }
 
     /// A token cancelled with the root (or on its own): give one to each stage.
-    pub fn child_token(&self) -> CancellationToken {
+    pub(crate) fn child_token(&self) -> CancellationToken {
         self.root.child_token()
     }
 
     /// Spawns `task`, which must run until `stop` is cancelled; ending earlier fails
     /// the application.
-    pub fn spawn_critical<F>(&self, name: &'static str, stop: CancellationToken, task: F)
+    pub(crate) fn spawn_critical<F>(&self, name: &'static str, stop: CancellationToken, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -61,7 +61,7 @@ impl Supervisor {
     }
 
     /// Watches an already spawned critical task, as [`Supervisor::spawn_critical`].
-    pub fn watch(&self, name: &'static str, stop: CancellationToken, task: JoinHandle<()>) {
+    pub(crate) fn watch(&self, name: &'static str, stop: CancellationToken, task: JoinHandle<()>) {
         let this = self.clone();
         self.tracker.spawn(async move {
             let reason = match task.await {
@@ -77,7 +77,7 @@ impl Supervisor {
 
     /// Fails the application once the future `ended` resolves before `stop` is
     /// cancelled (for work that is not a tokio task, e.g. a thread).
-    pub fn watch_until<F>(&self, name: &'static str, stop: CancellationToken, ended: F)
+    pub(crate) fn watch_until<F>(&self, name: &'static str, stop: CancellationToken, ended: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -95,7 +95,7 @@ impl Supervisor {
     }
 
     /// Records the first failure and signals it.
-    pub fn fail(&self, task: &'static str, reason: String) {
+    pub(crate) fn fail(&self, task: &'static str, reason: String) {
         let mut slot = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
             error!(task, %reason, "a background task stopped; the bridge stops accepting and exits non-zero");
@@ -106,7 +106,7 @@ impl Supervisor {
     }
 
     /// The failure, if any.
-    pub fn failure(&self) -> Option<Failure> {
+    pub(crate) fn failure(&self) -> Option<Failure> {
         self.failure
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -114,22 +114,22 @@ impl Supervisor {
     }
 
     /// Whether a critical task failed; cheap, for readiness and every request.
-    pub fn has_failed(&self) -> bool {
+    pub(crate) fn has_failed(&self) -> bool {
         self.failed.is_cancelled()
     }
 
     /// Resolves when a critical task fails.
-    pub fn failed(&self) -> WaitForCancellationFutureOwned {
+    pub(crate) fn failed(&self) -> WaitForCancellationFutureOwned {
         self.failed.clone().cancelled_owned()
     }
 
     /// Cancels every token of the tree.
-    pub fn cancel_all(&self) {
+    pub(crate) fn cancel_all(&self) {
         self.root.cancel();
     }
 
     /// Waits for every tracked task to end.
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         self.tracker.close();
         self.tracker.wait().await;
     }

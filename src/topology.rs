@@ -33,7 +33,7 @@ pub fn unrouted_name(exchange: &str) -> String {
 }
 
 /// Name of the consistent-hash exchange feeding the partition queues.
-pub fn partitioned_exchange(exchange: &str) -> String {
+pub(crate) fn partitioned_exchange(exchange: &str) -> String {
     format!("{exchange}.partitioned")
 }
 
@@ -110,7 +110,7 @@ async fn bind_queue(
 /// Declares (or, with `declare = false`, checks) everything publishing relies on.
 ///
 /// Runs on a throw-away channel: a failed declaration closes the channel it ran on.
-pub async fn ensure(channel: &Channel, amqp: &AmqpSettings) -> Result<(), TopologyError> {
+pub(crate) async fn ensure(channel: &Channel, amqp: &AmqpSettings) -> Result<(), TopologyError> {
     let exchange = amqp.exchange.as_str();
     if !amqp.declare {
         let passive = ExchangeDeclareOptions {
@@ -170,7 +170,7 @@ pub async fn ensure(channel: &Channel, amqp: &AmqpSettings) -> Result<(), Topolo
 ///
 /// Separate from [`ensure`] because a broker without the plugin closes the
 /// channel; the caller reports that as a readiness problem naming the plugin.
-pub async fn ensure_partitions(
+pub(crate) async fn ensure_partitions(
     channel: &Channel,
     amqp: &AmqpSettings,
 ) -> Result<(), TopologyError> {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cellosign_bridge::config::{AckMode, QueueKind, QueueSettings};
-use cellosign_bridge::topology::{partition_queue, unrouted_name};
+use cellosign_bridge::{AckMode, QueueKind, QueueSettings};
+use cellosign_bridge::{partition_queue, unrouted_name};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, QueueDeclareOptions};

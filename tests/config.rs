@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use cellosign_bridge::config::{AckMode, ConfigError, Settings, Sources};
+use cellosign_bridge::{AckMode, ConfigError, Settings, Sources};
 
 fn load(
     dir: Option<&Path>,

@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cellosign_bridge::config::AckMode;
+use cellosign_bridge::AckMode;
 use common::*;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;

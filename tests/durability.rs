@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cellosign_bridge::config::AckMode;
+use cellosign_bridge::AckMode;
 use common::*;
 use lapin::Consumer;
 use support::bridge_process::BridgeProcess;

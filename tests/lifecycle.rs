@@ -212,7 +212,7 @@ async fn sigterm_exits_in_time_with_a_black_holed_broker() {
         assert_eq!(code, Some(0), "exit code; log:\n{}", bridge.log());
         assert_bounded(took, "black hole");
         proxy.restore();
-        let events = cellosign_bridge::spool::Spool::inspect(spool.path())
+        let events = cellosign_bridge::Spool::inspect(spool.path())
             .expect("spool readable after exit")
             .events;
         assert_eq!(events, 10, "every unforwarded event stays in the spool");
@@ -231,7 +231,7 @@ async fn a_dead_background_task_turns_readiness_503_and_the_process_exits_non_ze
             let grace = GRACE_MS.to_string();
             let env = [
                 ("BRIDGE_SHUTDOWN__GRACE_MS", grace.as_str()),
-                (cellosign_bridge::fault::ENV, fault),
+                (cellosign_bridge::FAULTS_ENV, fault),
             ];
             let mut bridge =
                 BridgeProcess::start(spool.path(), &amqp_url(), &exchange, TOKEN, &env);

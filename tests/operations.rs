@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cellosign_bridge::config::AckMode;
+use cellosign_bridge::AckMode;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -281,7 +281,7 @@ async fn tls_on_the_public_listener() {
     std::fs::write(&cert_file, cert.cert.pem()).unwrap();
     std::fs::write(&key_file, cert.signing_key.serialize_pem()).unwrap();
     let app = spawn_app(AckMode::Spooled, |s| {
-        s.http.tls = Some(cellosign_bridge::config::TlsSettings {
+        s.http.tls = Some(cellosign_bridge::TlsSettings {
             cert_file: cert_file.clone(),
             key_file: key_file.clone(),
         })

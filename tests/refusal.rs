@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellosign_bridge::config::AckMode;
+use cellosign_bridge::AckMode;
 use common::*;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicQosOptions, QueueDeclareOptions};

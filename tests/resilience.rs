@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellosign_bridge::config::{AckMode, QueueKind, QueueSettings};
+use cellosign_bridge::{AckMode, QueueKind, QueueSettings};
 use common::*;
 use support::bridge_process::BridgeProcess;
 use support::rabbit_node::RabbitNode;

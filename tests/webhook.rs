@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use cellosign_bridge::config::AckMode;
+use cellosign_bridge::AckMode;
 use common::*;
 use lapin::types::AMQPValue;
 
@@ -238,9 +238,9 @@ async fn routing_key_template_uses_other_fields() {
 async fn topology_is_declared_with_the_alternate_exchange() {
     let queue = unique("q");
     let app = spawn_app(AckMode::Confirmed, |s| {
-        s.amqp.queues = vec![cellosign_bridge::config::QueueSettings {
+        s.amqp.queues = vec![cellosign_bridge::QueueSettings {
             name: queue.clone(),
-            kind: cellosign_bridge::config::QueueKind::Quorum,
+            kind: cellosign_bridge::QueueKind::Quorum,
             bindings: vec!["only.this".into()],
         }]
     })

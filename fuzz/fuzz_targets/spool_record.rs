@@ -5,7 +5,7 @@
 #![no_main]
 
 use bytes::Bytes;
-use cellosign_bridge::envelope::Envelope;
+use cellosign_bridge::Envelope;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|record: &[u8]| {

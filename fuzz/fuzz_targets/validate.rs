@@ -9,7 +9,7 @@
 
 use std::sync::LazyLock;
 
-use cellosign_bridge::event::{DEFAULT_ACCEPT, Event, Policy, validate};
+use cellosign_bridge::{DEFAULT_ACCEPT, Event, Policy, validate};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -124,7 +124,7 @@ fuzz_target!(|body: &[u8]| {
             }
             Err(r) => {
                 assert!(matches!(r.http_status(), 400 | 422));
-                let reason = r.reason();
+                let reason = r.to_string();
                 assert!(!reason.is_empty() && reason.len() <= 120, "{reason}");
             }
         }

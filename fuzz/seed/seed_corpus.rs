@@ -8,8 +8,8 @@ use std::fs;
 use std::path::Path;
 
 use bytes::Bytes;
-use cellosign_bridge::envelope::Envelope;
-use cellosign_bridge::event::{Policy, validate};
+use cellosign_bridge::Envelope;
+use cellosign_bridge::{Policy, validate};
 use serde_json::Value;
 
 fn main() {

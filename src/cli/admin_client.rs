@@ -37,7 +37,7 @@ pub enum AdminClientError {
 /// GETs `path` from the admin listener at `addr` and returns the body of any
 /// answer, whatever its status: `/readyz` answers 503 with the same JSON when
 /// the bridge is not ready, and the caller still wants it.
-pub async fn get(addr: SocketAddr, path: &str) -> Result<Bytes, AdminClientError> {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> Result<Bytes, AdminClientError> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| AdminClientError::ConnectTimeout)??;

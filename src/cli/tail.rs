@@ -35,7 +35,7 @@ pub enum TailError {
 
 /// One printed line: the routing facts a consumer developer filters on, and
 /// the body as JSON (or as text if it is not JSON).
-pub fn render(delivery: &lapin::message::Delivery) -> serde_json::Value {
+pub(crate) fn render(delivery: &lapin::message::Delivery) -> serde_json::Value {
     let props = &delivery.properties;
     let received_at = props
         .headers()

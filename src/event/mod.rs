@@ -50,8 +50,9 @@ use serde::de::Deserializer as _;
 
 pub use fields::Event;
 pub use policy::{DEFAULT_ACCEPT, Policy};
-pub use rejection::{Invalid, Malformed, Problem, Rejection};
-pub use template::{DEFAULT_ROUTING_KEY, RoutingKeyTemplate, TemplateError};
+use rejection::Malformed;
+pub use rejection::Rejection;
+pub use template::RoutingKeyTemplate;
 
 use body::BodyHandler;
 use ctx::Ctx;
@@ -71,7 +72,7 @@ pub const MAX_MESSAGE_ID_BYTES: usize = 255;
 /// derives the routing key and message id. Pure: same bytes, same answer.
 ///
 /// ```
-/// use cellosign_bridge::event::{validate, Policy};
+/// use cellosign_bridge::{validate, Policy};
 /// let body = br#"{"event":{"type":"WHEF_SESSION_CREATED","timestamp":"2025-01-26T08:49:33Z"},
 ///                 "session":{"id":"s1","reference":"r1","transaction_number":1}}"#;
 /// let event = validate(body, &Policy::default()).unwrap();
@@ -79,7 +80,7 @@ pub const MAX_MESSAGE_ID_BYTES: usize = 255;
 /// assert_eq!(event.message_id, "s1:WHEF_SESSION_CREATED:2025-01-26T08:49:33Z");
 ///
 /// let err = validate(b"[]", &Policy::default()).unwrap_err();
-/// assert_eq!((err.http_status(), err.reason().as_str()), (422, "body: not a JSON object"));
+/// assert_eq!((err.http_status(), err.to_string().as_str()), (422, "body: not a JSON object"));
 /// ```
 pub fn validate<'a>(body: &'a [u8], policy: &Policy) -> Result<Event<'a>, Rejection> {
     let text = std::str::from_utf8(body).map_err(|e| Malformed::NotUtf8 {

@@ -38,12 +38,12 @@ impl Policy {
     }
 
     /// The accepted event types, as configured (for `check-config` and logs).
-    pub fn accept(&self) -> &[String] {
+    pub(crate) fn accept(&self) -> &[String] {
         &self.accept
     }
 
     /// The routing key template, as configured.
-    pub fn routing_key(&self) -> &RoutingKeyTemplate {
+    pub(crate) fn routing_key(&self) -> &RoutingKeyTemplate {
         &self.routing_key
     }
 }

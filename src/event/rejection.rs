@@ -43,13 +43,8 @@ impl Rejection {
         }
     }
 
-    /// The short reason for `errordesc`, naming the field path where one applies.
-    pub fn reason(&self) -> String {
-        self.to_string()
-    }
-
     /// A low-cardinality label for `cellosign_bridge_events_rejected_total{reason}`.
-    pub fn metric_reason(&self) -> &'static str {
+    pub(crate) fn metric_reason(&self) -> &'static str {
         match self {
             Rejection::Malformed(_) => "malformed_json",
             Rejection::Invalid(i) => i.problem.metric_reason(),
@@ -153,7 +148,7 @@ pub enum Problem {
 
 impl Problem {
     /// The Prometheus label for this kind of problem.
-    pub fn metric_reason(&self) -> &'static str {
+    pub(crate) fn metric_reason(&self) -> &'static str {
         match self {
             Problem::NotObject => "not_object",
             Problem::Missing => "missing_field",

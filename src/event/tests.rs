@@ -89,7 +89,7 @@ pub(super) fn invalid_prefix(body: &[u8], prefix: &str, metric: &str) -> Rejecti
         "body {}",
         String::from_utf8_lossy(body)
     );
-    assert!(r.reason().starts_with(prefix), "{}", r.reason());
+    assert!(r.to_string().starts_with(prefix), "{}", r.to_string());
     r
 }
 
@@ -98,7 +98,7 @@ pub(super) fn invalid_prefix(body: &[u8], prefix: &str, metric: &str) -> Rejecti
 pub(super) fn invalid(body: &[u8], reason: &str, metric: &str) {
     let r = rejected(body);
     assert_eq!(
-        (r.http_status(), r.reason().as_str(), r.metric_reason()),
+        (r.http_status(), r.to_string().as_str(), r.metric_reason()),
         (422, reason, metric),
         "body {}",
         String::from_utf8_lossy(body)
@@ -113,7 +113,7 @@ pub(super) fn malformed(body: &[u8]) -> String {
         (r.http_status(), r.metric_reason()),
         (400, "malformed_json")
     );
-    r.reason()
+    r.to_string()
 }
 
 /// The default accept list with the routing key `template`.

@@ -272,10 +272,10 @@ fn labels_values_must_be_scalars() {
         let body = set("/session/labels", bad);
         let r = rejected(&body);
         assert_eq!(
-            r.reason(),
+            r.to_string(),
             "session.labels: values must be strings, numbers, booleans or null"
         );
         assert_eq!(r.metric_reason(), "wrong_type");
-        assert!(!r.reason().contains("SECRET"));
+        assert!(!r.to_string().contains("SECRET"));
     }
 }

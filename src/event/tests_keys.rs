@@ -66,7 +66,7 @@ fn duplicate_keys_rejected_at_top_event_session() {
         let body = raw(EV, &format!(r#"{SE},"{key}":null,"{key}":null"#), "");
         let r = rejected(&body);
         assert_eq!(r.metric_reason(), "duplicate_key", "{key}");
-        assert_eq!(r.reason(), format!("session: duplicate key \"{key}\""));
+        assert_eq!(r.to_string(), format!("session: duplicate key \"{key}\""));
     }
     invalid(
         &raw(EV, &format!(r#"{SE},"extra":1,"extra":[]"#), ""),

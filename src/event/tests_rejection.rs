@@ -108,7 +108,7 @@ fn reasons_never_echo_body_content() {
     ];
     for body in bodies {
         let r = rejected(&body);
-        assert!(!r.reason().contains(secret), "{r}");
-        assert!(r.reason().len() <= 120, "{r}");
+        assert!(!r.to_string().contains(secret), "{r}");
+        assert!(r.to_string().len() <= 120, "{r}");
     }
 }

@@ -3,8 +3,8 @@
 
 use serde_json::{Value, json};
 
+use super::template::{DEFAULT_ROUTING_KEY, RoutingKeyTemplate, TemplateError};
 use super::tests::{base, ok, ok_with, policy, rejected_with, remove, set};
-use super::{DEFAULT_ROUTING_KEY, RoutingKeyTemplate, TemplateError};
 
 // --- routing key template --------------------------------------------
 
@@ -45,7 +45,7 @@ fn template_missing_field_rejects() {
     ] {
         let r = rejected_with(&body, &p);
         assert_eq!(
-            (r.http_status(), r.reason().as_str(), r.metric_reason()),
+            (r.http_status(), r.to_string().as_str(), r.metric_reason()),
             (
                 422,
                 "session.process_id: missing, needed by amqp.routing_key",
@@ -59,7 +59,7 @@ fn template_missing_field_rejects() {
         set("/session/recipient", Value::Null),
     ] {
         assert_eq!(
-            rejected_with(&body, &p).reason(),
+            rejected_with(&body, &p).to_string(),
             "session.recipient.name: missing, needed by amqp.routing_key"
         );
     }
@@ -70,14 +70,14 @@ fn template_empty_and_too_long_keys() {
     let p = policy("{session.process_id}");
     let r = rejected_with(&set("/session/process_id", json!("")), &p);
     assert_eq!(
-        (r.reason().as_str(), r.metric_reason()),
+        (r.to_string().as_str(), r.metric_reason()),
         ("routing key: empty", "routing_key")
     );
     let p = policy("{session.process_id}.{session.reference}");
     let long = set("/session/process_id", json!("p".repeat(254)));
     let r = rejected_with(&long, &p);
     assert_eq!(
-        (r.reason().as_str(), r.metric_reason()),
+        (r.to_string().as_str(), r.metric_reason()),
         ("routing key: longer than 255 bytes", "routing_key")
     );
     let fits = set("/session/process_id", json!("p".repeat(254 - 36)));
@@ -87,7 +87,7 @@ fn template_empty_and_too_long_keys() {
     assert_eq!(ok(&body).routing_key.len(), 255);
     let p = policy("x{session.reference}");
     assert_eq!(
-        rejected_with(&body, &p).reason(),
+        rejected_with(&body, &p).to_string(),
         "routing key: longer than 255 bytes"
     );
 }

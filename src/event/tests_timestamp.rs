@@ -61,7 +61,7 @@ fn timestamps() {
             "event.timestamp: must be an ISO-8601",
             "bad_timestamp",
         );
-        assert!(r.reason().len() <= 120);
+        assert!(r.to_string().len() <= 120);
     }
     let range = [
         "2023-02-29T00:00:00",

@@ -132,7 +132,7 @@ pub struct ConnGuard {
 
 impl ConnGuard {
     /// A guard for a connection starting now.
-    pub fn new(header_read_timeout: Duration, idle_timeout: Duration) -> ConnGuard {
+    pub(crate) fn new(header_read_timeout: Duration, idle_timeout: Duration) -> ConnGuard {
         let state = State {
             proto: Proto::Silent,
             in_progress: 0,
@@ -150,7 +150,7 @@ impl ConnGuard {
     }
 
     /// Wraps the connection's byte stream so the guard sees what arrives.
-    pub fn wrap_io<T>(&self, inner: T) -> GuardedIo<T> {
+    pub(crate) fn wrap_io<T>(&self, inner: T) -> GuardedIo<T> {
         GuardedIo {
             inner,
             shared: self.shared.clone(),
@@ -158,7 +158,7 @@ impl ConnGuard {
     }
 
     /// Marks a request in progress until the returned value is dropped.
-    pub fn request(&self) -> RequestInProgress {
+    pub(crate) fn request(&self) -> RequestInProgress {
         let mut state = self.shared.lock();
         state.in_progress += 1;
         state.head_since = None;
@@ -170,7 +170,7 @@ impl ConnGuard {
     }
 
     /// Resolves when the connection must close (see the module doc).
-    pub async fn expired(&self) -> Expiry {
+    pub(crate) async fn expired(&self) -> Expiry {
         loop {
             let changed = self.shared.changed.notified();
             let mut changed = std::pin::pin!(changed);
@@ -195,7 +195,7 @@ impl ConnGuard {
     }
 
     /// Resolves once no request is in progress.
-    pub async fn no_request(&self) {
+    pub(crate) async fn no_request(&self) {
         loop {
             let changed = self.shared.changed.notified();
             let mut changed = std::pin::pin!(changed);

@@ -59,19 +59,6 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
-    /// True when the underlying cause is a full disk, so a server can answer 507 and alert on it.
-    pub fn is_no_space(&self) -> bool {
-        let io = match self {
-            SpoolError::Storage(e) => match e.as_ref() {
-                redb::Error::Io(io) => io,
-                _ => return false,
-            },
-            SpoolError::Io(io) => io.as_ref(),
-            _ => return false,
-        };
-        io.kind() == io::ErrorKind::StorageFull || io.raw_os_error() == Some(28)
-    }
-
     /// A [`SpoolError::Storage`] that only carries a message: for failures the spool finds
     /// itself rather than gets from redb, reported like redb's own so callers treat them alike.
     pub(super) fn storage(message: &str) -> SpoolError {

@@ -45,7 +45,7 @@ pub struct SpoolOptions {
 
 impl SpoolOptions {
     /// Defaults with the given byte limit.
-    pub fn new(max_bytes: u64) -> Self {
+    pub(crate) fn new(max_bytes: u64) -> Self {
         SpoolOptions {
             max_bytes,
             cache_bytes: 64 << 20,
@@ -123,7 +123,7 @@ impl Spool {
 
     /// Like [`Spool::open`] with explicit options. Returns [`SpoolError::Locked`] when another
     /// process has the file open.
-    pub fn open_with(dir: &Path, opts: SpoolOptions) -> Result<Spool, SpoolError> {
+    pub(crate) fn open_with(dir: &Path, opts: SpoolOptions) -> Result<Spool, SpoolError> {
         store::create_dir_durable(dir)?;
         let path = dir.join(FILE_NAME);
         let db = store::open_database(&path, &opts)?;
@@ -229,16 +229,11 @@ impl Spool {
     /// Deletes the given records after the broker confirmed them; returns how many existed.
     /// Committed without fsync: visible at once, durable with the next durable commit, so a crash
     /// can bring a few back (a duplicate publish, never a loss).
-    pub async fn remove(&self, seqs: Vec<u64>) -> Result<usize, SpoolError> {
+    pub(crate) async fn remove(&self, seqs: Vec<u64>) -> Result<usize, SpoolError> {
         if seqs.is_empty() {
             return Ok(0);
         }
         self.request(|reply| Op::Remove { seqs, reply }).await
-    }
-
-    /// Makes all earlier removals durable with one `Immediate` commit.
-    pub async fn flush(&self) -> Result<(), SpoolError> {
-        self.request(|reply| Op::Flush { reply }).await
     }
 
     /// Finishes queued operations, commits durably, closes the file and stops the writer. Later
@@ -249,7 +244,7 @@ impl Spool {
 
     /// Up to `limit` records with a sequence number above `after` (all when `None`), in order,
     /// from the latest committed snapshot. Runs on tokio's blocking pool.
-    pub async fn read_after(
+    pub(crate) async fn read_after(
         &self,
         after: Option<u64>,
         limit: usize,
@@ -263,7 +258,7 @@ impl Spool {
     }
 
     /// Synchronous [`Spool::read_after`], for callers already off the async executor.
-    pub fn read_after_blocking(
+    pub(crate) fn read_after_blocking(
         &self,
         after: Option<u64>,
         limit: usize,
@@ -289,7 +284,7 @@ impl Spool {
     /// Waits until a record with a sequence number above `after` has been committed, so the
     /// forwarder sleeps instead of polling; returns the highest committed sequence number.
     /// Returns at once if there already is one, and [`SpoolError::Closed`] after shutdown.
-    pub async fn wait_for_new(&self, after: Option<u64>) -> Result<u64, SpoolError> {
+    pub(crate) async fn wait_for_new(&self, after: Option<u64>) -> Result<u64, SpoolError> {
         let shared = &self.inner.shared;
         let floor = after.unwrap_or(0);
         let mut rx = shared.last_seq.subscribe();
@@ -330,23 +325,13 @@ impl Spool {
     /// Resolves when the writer thread has ended (after shutdown, after the last handle was
     /// dropped, or because it died), so a supervisor can tell that nothing will be stored any
     /// more. By then the file is closed, unless the writer died.
-    pub fn writer_stopped(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+    pub(crate) fn writer_stopped(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.inner.shared.writer_gone.clone().cancelled_owned()
     }
 
     /// [`SpoolOptions::append_timeout`]: how long a caller should wait for an append.
-    pub fn append_timeout(&self) -> Duration {
+    pub(crate) fn append_timeout(&self) -> Duration {
         self.inner.shared.opts.append_timeout
-    }
-
-    /// The configured byte limit, for reporting next to [`Spool::stats`].
-    pub fn max_bytes(&self) -> u64 {
-        self.inner.shared.max_bytes
-    }
-
-    /// Path of the database file, for logs and the admin endpoint.
-    pub fn path(&self) -> &Path {
-        &self.inner.shared.path
     }
 
     /// The state behind this handle, for unit tests that need to hold the writer up.

@@ -41,6 +41,4 @@ mod tests;
 mod tests_faults;
 
 pub use error::SpoolError;
-pub use handle::{DEFAULT_APPEND_TIMEOUT, MAX_RECORD_LEN, Spool, SpoolOptions, SpoolStats};
-pub use store::FILE_NAME;
-pub use writer::{IDLE_FLUSH, MAX_NONDURABLE_STREAK, RECOVERY_INTERVAL};
+pub use handle::{Spool, SpoolOptions};

@@ -8,9 +8,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use super::handle::SpoolStats;
+use super::store::FILE_NAME;
 use super::store::create_dir_durable;
 use super::writer::Op;
-use super::{FILE_NAME, Spool, SpoolError, SpoolStats};
+use super::{Spool, SpoolError};
 
 /// A record that starts with `tag:`, padded with `x` to `len` bytes.
 pub(super) fn payload(tag: &str, len: usize) -> Bytes {

@@ -51,8 +51,6 @@ pub(super) enum Op {
     },
     /// Delete these records; answered with how many existed.
     Remove { seqs: Vec<u64>, reply: Reply<usize> },
-    /// Make earlier removals durable.
-    Flush { reply: Reply<()> },
     /// Finish, commit durably, close the file and stop.
     Shutdown { reply: Reply<()> },
 }
@@ -102,7 +100,7 @@ struct Batch {
     appends: Vec<(Bytes, u64, Reply<u64>)>,
     /// Sequence numbers to delete, one entry per [`Op::Remove`].
     removes: Vec<(Vec<u64>, Reply<usize>)>,
-    /// Callers waiting for earlier removals to be durable.
+    /// The close waiting for earlier removals to be durable.
     flushes: Vec<Reply<()>>,
 }
 
@@ -202,7 +200,6 @@ impl Writer {
                 match op {
                     Op::Append { data, ts_ms, reply } => batch.appends.push((data, ts_ms, reply)),
                     Op::Remove { seqs, reply } => batch.removes.push((seqs, reply)),
-                    Op::Flush { reply } => batch.flushes.push(reply),
                     Op::Shutdown { reply } => shutdown = Some(reply),
                 }
                 next = self.rx.try_recv().ok();

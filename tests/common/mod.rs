@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cellosign_bridge::config::{AckMode, Settings, Sources};
-use cellosign_bridge::startup::Application;
+use cellosign_bridge::Application;
+use cellosign_bridge::{AckMode, Settings, Sources};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -65,7 +65,7 @@ pub struct TestApp {
     pub settings: Settings,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), cellosign_bridge::supervisor::Failure>>>,
+    task: Option<JoinHandle<Result<(), cellosign_bridge::Failure>>>,
     _spool: tempfile::TempDir,
 }
 
