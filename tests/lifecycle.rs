@@ -296,3 +296,31 @@ async fn a_dead_background_task_turns_readiness_503_and_the_process_exits_non_ze
     })
     .await;
 }
+
+/// SPEC 6 "Supervision": a start that fails leaves nothing running. The spool is
+/// the last step of `Application::build` that can fail; were any task started
+/// before it, its broker connection would outlive the error.
+#[tokio::test]
+async fn a_failed_start_leaves_no_task_running() {
+    bounded(async {
+        let proxy = TcpProxy::to_port(5672).await.expect("proxy");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let not_a_dir = dir.path().join("spool-is-a-file");
+        std::fs::write(&not_a_dir, b"x").expect("write");
+        let mut settings = test_settings(cellosign_bridge::AckMode::Spooled, &not_a_dir);
+        settings.amqp.urls = vec![proxy.amqp_url()];
+        let error = match cellosign_bridge::Application::build(settings).await {
+            Ok(_) => panic!("built with a spool path that is a file"),
+            Err(e) => e.to_string(),
+        };
+        assert!(error.contains("spool"), "{error}");
+        // A link task would have connected within this time (the broker is local).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            proxy.active_connections(),
+            0,
+            "a task started by the failed build is connected to the broker"
+        );
+    })
+    .await;
+}
