@@ -282,11 +282,7 @@ async fn drain(exchange: &str, events: u64, references: u64) -> f64 {
 
     let metrics = Arc::new(Metrics::new());
     let stop = CancellationToken::new();
-    let (link, link_task) = Link::start(
-        s.amqp.clone(),
-        metrics.clone(),
-        stop.clone().cancelled_owned(),
-    );
+    let (link, link_task) = Link::start(s.amqp.clone(), metrics.clone(), stop.clone());
     let connection = link.connected().await;
     let started = Instant::now();
     let (forwarder, forwarding) = Forwarder::start(

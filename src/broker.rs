@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use lapin::{Connection, ConnectionProperties};
 use serde::Serialize;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AmqpSettings, redact_url};
@@ -67,11 +68,11 @@ pub struct Link {
 }
 
 impl Link {
-    /// Starts the link task; it runs until `stop` resolves, then closes the connection.
+    /// Starts the link task; it runs until `stop` is cancelled, then closes the connection.
     pub fn start(
         amqp: AmqpSettings,
         metrics: Arc<Metrics>,
-        stop: impl std::future::Future<Output = ()> + Send + 'static,
+        stop: CancellationToken,
     ) -> (Link, tokio::task::JoinHandle<()>) {
         let (tx, rx) = watch::channel(LinkState::Down {
             last_error: None,
@@ -80,7 +81,7 @@ impl Link {
         let task = tokio::spawn(async move {
             tokio::select! {
                 () = maintain(amqp, metrics.clone(), &tx) => {}
-                () = stop => {}
+                () = stop.cancelled() => {}
             }
             let previous = tx.send_replace(LinkState::Down {
                 last_error: Some("stopped".into()),

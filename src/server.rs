@@ -24,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use conn_guard::{ConnGuard, Expiry};
@@ -87,14 +88,14 @@ const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 /// or memory): the pending connection stays in the backlog and would fail again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Accepts connections on `listener` until `shutdown` resolves, then stops
+/// Accepts connections on `listener` until `stop` is cancelled, then stops
 /// accepting, lets requests in flight finish (up to the drain deadline) and returns.
 pub(crate) async fn serve<H: Handler>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: Arc<H>,
     limits: ServerLimits,
-    shutdown: impl Future<Output = ()>,
+    stop: CancellationToken,
 ) {
     static RAISE: std::sync::Once = std::sync::Once::new();
     // Before the first accept; once per process, whichever listener starts first.
@@ -117,7 +118,6 @@ pub(crate) async fn serve<H: Handler>(
     let (draining, drain_rx) = watch::channel(false);
     let mut accept_errors = Throttle::default();
     let mut refusals = Throttle::default();
-    let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -165,7 +165,7 @@ pub(crate) async fn serve<H: Handler>(
                     }
                 });
             }
-            () = &mut shutdown => break,
+            () = stop.cancelled() => break,
         }
     }
     drop(listener);

@@ -88,11 +88,8 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let supervisor = Supervisor::new();
         let broker_stop = supervisor.child_token();
-        let (link, link_task) = Link::start(
-            settings.amqp.clone(),
-            metrics.clone(),
-            broker_stop.clone().cancelled_owned(),
-        );
+        let (link, link_task) =
+            Link::start(settings.amqp.clone(), metrics.clone(), broker_stop.clone());
         supervisor.watch("broker link", broker_stop.clone(), link_task);
 
         let (delivery, forwarder) = match &spool {
@@ -220,7 +217,7 @@ impl Application {
                 self.tls,
                 self.ingress,
                 limits,
-                public_stop.clone().cancelled_owned(),
+                public_stop.clone(),
             ),
         );
         let admin_handler = self.admin_handler.clone();
@@ -232,7 +229,7 @@ impl Application {
                 None,
                 self.admin_handler,
                 limits,
-                admin_stop.clone().cancelled_owned(),
+                admin_stop.clone(),
             ),
         );
         info!(
