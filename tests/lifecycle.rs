@@ -89,6 +89,12 @@ async fn wait_spool_empty(bridge: &BridgeProcess) {
 fn terminate(bridge: &mut BridgeProcess) -> (Duration, Option<i32>) {
     let started = Instant::now();
     bridge.signal("TERM");
+    exit_after(bridge, started)
+}
+
+/// Waits for the exit of a bridge sent SIGTERM at `started`: how long it took, and
+/// its exit code.
+fn exit_after(bridge: &mut BridgeProcess, started: Instant) -> (Duration, Option<i32>) {
     let status = bridge.wait_exit(Duration::from_secs(60));
     let took = started.elapsed();
     eprintln!("exit {took:?} after SIGTERM");
@@ -208,7 +214,22 @@ async fn sigterm_exits_in_time_with_a_black_holed_broker() {
         proxy.cut(CutMode::Blackhole).await;
         post_events(&bridge, "hole", "r-hole", 10).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (took, code) = terminate(&mut bridge);
+        let started = Instant::now();
+        bridge.signal("TERM");
+        // The forwarder waits on the black hole for the grace period; meanwhile
+        // readiness tells load balancers to stop sending.
+        let mut seen = None;
+        while started.elapsed() < Duration::from_millis(GRACE_MS / 2) {
+            seen = readyz(&bridge).await;
+            if matches!(&seen, Some((503, _))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, body) = seen.expect("the admin listener answers while draining");
+        assert_eq!(status, 503, "readiness while draining: {body}");
+        assert!(body.contains("\"draining\":true"), "{body}");
+        let (took, code) = exit_after(&mut bridge, started);
         assert_eq!(code, Some(0), "exit code; log:\n{}", bridge.log());
         assert_bounded(took, "black hole");
         proxy.restore();
