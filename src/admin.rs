@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -53,7 +52,6 @@ pub struct Admin {
     spool: Option<(Spool, u64)>,
     metrics: Arc<Metrics>,
     supervisor: Supervisor,
-    draining: AtomicBool,
 }
 
 impl Admin {
@@ -70,13 +68,7 @@ impl Admin {
             spool,
             metrics,
             supervisor,
-            draining: AtomicBool::new(false),
         }
-    }
-
-    /// Marks the bridge as shutting down, so load balancers stop sending to it.
-    pub(crate) fn set_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Whether an event posted now would be accepted, and why (not).
@@ -102,7 +94,7 @@ impl Admin {
             ),
             None => (AckMode::Confirmed, broker.connected && !broker.blocked),
         };
-        let draining = self.draining.load(Ordering::Relaxed);
+        let draining = self.supervisor.is_stopping();
         let failure = self.supervisor.failure().map(|f| f.to_string());
         Readiness {
             ready: ready && !draining && failure.is_none(),

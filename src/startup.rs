@@ -220,7 +220,6 @@ impl Application {
                 public_stop.clone(),
             ),
         );
-        let admin_handler = self.admin_handler.clone();
         supervisor.spawn_critical(
             "admin listener",
             admin_stop.clone(),
@@ -245,7 +244,7 @@ impl Application {
             () = supervisor.failed() => {}
         }
         let deadline = Instant::now() + grace;
-        admin_handler.set_draining();
+        supervisor.begin_shutdown();
         info!(
             grace_ms = self.settings.shutdown.grace_ms,
             "shutting down: no new requests"

@@ -26,6 +26,8 @@ pub struct Supervisor {
     root: CancellationToken,
     tracker: TaskTracker,
     failed: CancellationToken,
+    /// Cancelled when shutdown begins (a signal or a failure), before any stage stops.
+    stopping: CancellationToken,
     failure: Arc<Mutex<Option<Failure>>>,
 }
 
@@ -42,6 +44,7 @@ impl Supervisor {
             root: CancellationToken::new(),
             tracker: TaskTracker::new(),
             failed: CancellationToken::new(),
+            stopping: CancellationToken::new(),
             failure: Arc::new(Mutex::new(None)),
         }
     }
@@ -121,6 +124,17 @@ impl Supervisor {
     /// Resolves when a critical task fails.
     pub(crate) fn failed(&self) -> WaitForCancellationFutureOwned {
         self.failed.clone().cancelled_owned()
+    }
+
+    /// Marks the start of shutdown, so readiness turns 503 and load balancers stop
+    /// sending while the stages still finish their work.
+    pub(crate) fn begin_shutdown(&self) {
+        self.stopping.cancel();
+    }
+
+    /// Whether shutdown has begun.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.is_cancelled()
     }
 
     /// Cancels every token of the tree.
