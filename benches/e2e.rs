@@ -59,7 +59,7 @@ fn settings(exchange: &str, spool: &std::path::Path) -> Settings {
     s.admin.listen = "127.0.0.1:0".parse().expect("addr");
     s.delivery.ack = AckMode::Spooled;
     s.spool.dir = spool.to_path_buf();
-    s.amqp.urls = vec![amqp_url()];
+    s.amqp.urls = vec![amqp_url().into()];
     s.amqp.exchange = exchange.to_string();
     s.amqp.queues = Vec::new();
     s.events.dedup_window_s = 0;

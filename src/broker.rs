@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{AmqpSettings, redact_url};
+use crate::config::{AmqpSettings, BrokerUrl};
 use crate::metrics::Metrics;
 use crate::topology;
 
@@ -207,7 +207,7 @@ async fn maintain(amqp: AmqpSettings, metrics: Arc<Metrics>, tx: &watch::Sender<
 /// broker is reported like a refusing one; the first that succeeds wins, returned
 /// with its URL (password redacted). Shared by the link and `tail`.
 pub(crate) async fn first_that_connects<'a, T, E, F, Fut>(
-    urls: &'a [String],
+    urls: &'a [BrokerUrl],
     mut attempt: F,
 ) -> Result<(T, String), Vec<(String, Attempt<E>)>>
 where
@@ -216,8 +216,8 @@ where
 {
     let mut failures = Vec::new();
     for url in urls {
-        let shown = redact_url(url);
-        match tokio::time::timeout(CONNECT_TIMEOUT, attempt(url)).await {
+        let shown = url.shown().to_string();
+        match tokio::time::timeout(CONNECT_TIMEOUT, attempt(url.expose())).await {
             Ok(Ok(connected)) => return Ok((connected, shown)),
             Ok(Err(e)) => failures.push((shown, Attempt::Failed(e))),
             Err(_) => failures.push((shown, Attempt::TimedOut)),

@@ -58,7 +58,10 @@ pub use broker::Link;
 pub use cli::spool_stats::run as spool_stats;
 pub use cli::tail::run as tail;
 pub use cli::{Cli, Command, SpoolCommand};
-pub use config::{AckMode, ConfigError, QueueKind, QueueSettings, Settings, Sources, TlsSettings};
+pub use config::{
+    AckMode, BrokerUrl, ConfigError, QueueKind, QueueSettings, Secret, Settings, Sources,
+    TlsSettings,
+};
 pub use envelope::{DecodeError, Envelope};
 pub use event::{DEFAULT_ACCEPT, Event, Policy, Rejection, validate};
 pub use fault::ENV as FAULTS_ENV;

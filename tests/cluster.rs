@@ -167,7 +167,7 @@ async fn cluster_failover_loses_nothing() {
     // Declared by the bridge once connected, after the cluster formed: a member on every node.
     let queue = unique("failover");
     let app = spawn_app(AckMode::Spooled, |s| {
-        s.amqp.urls = cluster.urls();
+        s.amqp.urls = cluster.urls().into_iter().map(Into::into).collect();
         s.amqp.queues = vec![QueueSettings {
             name: queue.clone(),
             kind: QueueKind::Quorum,
@@ -332,7 +332,7 @@ async fn partitions_keep_each_reference_in_one_queue_in_order() {
         .unwrap_or_else(|e| panic!("{e}"));
     const PARTITIONS: u16 = 4;
     let app = spawn_app(AckMode::Confirmed, |s| {
-        s.amqp.urls = vec![node.amqp_url()];
+        s.amqp.urls = vec![node.amqp_url().into()];
         s.amqp.partitions = PARTITIONS;
         s.amqp.queues = Vec::new();
     })
@@ -447,7 +447,7 @@ async fn partitions_without_the_plugin_fail_readiness_naming_it() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let app = spawn_app(AckMode::Spooled, |s| {
-        s.amqp.urls = vec![node.amqp_url()];
+        s.amqp.urls = vec![node.amqp_url().into()];
         s.amqp.partitions = 2;
         s.amqp.reconnect_initial_ms = 100;
         s.amqp.reconnect_max_ms = 1000;

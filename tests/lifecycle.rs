@@ -329,7 +329,7 @@ async fn a_failed_start_leaves_no_task_running() {
         let not_a_dir = dir.path().join("spool-is-a-file");
         std::fs::write(&not_a_dir, b"x").expect("write");
         let mut settings = test_settings(cellosign_bridge::AckMode::Spooled, &not_a_dir);
-        settings.amqp.urls = vec![proxy.amqp_url()];
+        settings.amqp.urls = vec![proxy.amqp_url().into()];
         let error = match cellosign_bridge::Application::build(settings).await {
             Ok(_) => panic!("built with a spool path that is a file"),
             Err(e) => e.to_string(),

@@ -116,7 +116,7 @@ async fn broker_outage() {
     let mut node = RabbitNode::start().await.expect("private RabbitMQ node");
     let queue = unique("outage");
     let app = spawn_app(AckMode::Spooled, |s| {
-        s.amqp.urls = vec![node.amqp_url()];
+        s.amqp.urls = vec![node.amqp_url().into()];
         // Classic: on a single node a quorum queue adds nothing, and after a kill -9 it
         // can refuse consumers for a long while until its Raft log is recovered.
         s.amqp.queues = vec![QueueSettings {
@@ -182,7 +182,7 @@ async fn full_spool_and_network_cut() {
     let queue = unique("full");
     let proxy = TcpProxy::to_port(5672).await.expect("proxy");
     let app = spawn_app(AckMode::Spooled, |s| {
-        s.amqp.urls = vec![proxy.amqp_url()];
+        s.amqp.urls = vec![proxy.amqp_url().into()];
         s.amqp.queues = vec![durable_queue(&queue)];
         s.amqp.reconnect_initial_ms = 100;
         s.amqp.reconnect_max_ms = 500;

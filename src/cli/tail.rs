@@ -14,7 +14,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, Consumer};
 
 use crate::broker::{CONNECT_TIMEOUT, describe, first_that_connects};
-use crate::config::Settings;
+use crate::config::{BrokerUrl, Settings};
 
 /// Why `tail` stopped.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,7 @@ pub(crate) fn render(delivery: &lapin::message::Delivery) -> serde_json::Value {
 /// Tries each URL in order, as the bridge does, each attempt bounded by
 /// [`CONNECT_TIMEOUT`]; the first that connects wins. Returns the connection and
 /// its URL with the password redacted.
-async fn connect_any(urls: &[String]) -> Result<(Connection, String), TailError> {
+async fn connect_any(urls: &[BrokerUrl]) -> Result<(Connection, String), TailError> {
     let properties =
         ConnectionProperties::default().with_connection_name("cellosign-bridge tail".into());
     first_that_connects(urls, |url| Connection::connect(url, properties.clone()))
@@ -155,7 +155,7 @@ mod tests {
         let port = listener.local_addr().expect("local address").port();
         drop(listener);
         let url = format!("amqp://guest:secret@127.0.0.1:{port}/%2f");
-        let result = connect_any(&[url]).await;
+        let result = connect_any(&[url.into()]).await;
         let Err(TailError::Connect(message)) = result else {
             panic!("expected a connect error");
         };

@@ -50,7 +50,7 @@ pub fn test_settings(mode: AckMode, spool_dir: &std::path::Path) -> Settings {
     s.admin.listen = "127.0.0.1:0".parse().unwrap();
     s.delivery.ack = mode;
     s.spool.dir = spool_dir.to_path_buf();
-    s.amqp.urls = vec![amqp_url()];
+    s.amqp.urls = vec![amqp_url().into()];
     s.amqp.exchange = unique("ex");
     s.amqp.queues = Vec::new();
     s.amqp.publish_timeout_ms = 3000;
@@ -166,7 +166,7 @@ impl TestApp {
         {
             panic!("the application failed: {failure}");
         }
-        let url = &self.settings.amqp.urls[0];
+        let url = self.settings.amqp.urls[0].expose();
         let connect = Connection::connect(url, ConnectionProperties::default());
         if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await
             && let Ok(channel) = connection.create_channel().await

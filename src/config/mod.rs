@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 use crate::event::{DEFAULT_ACCEPT, RoutingKeyTemplate};
 use crate::net::Cidr;
 
+mod secret;
+
+pub use secret::{BrokerUrl, Secret};
+
 /// Prefix of environment overrides: `BRIDGE_<SECTION>__<KEY>`.
 const ENV_PREFIX: &str = "BRIDGE";
 
@@ -242,8 +246,7 @@ impl Default for SpoolSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
-    #[serde(serialize_with = "redact_urls")]
-    pub urls: Vec<String>,
+    pub urls: Vec<BrokerUrl>,
     pub exchange: String,
     /// Parsed once at load; a bad template stops the start naming the key.
     pub routing_key: RoutingKeyTemplate,
@@ -276,7 +279,7 @@ impl AmqpSettings {
 impl Default for AmqpSettings {
     fn default() -> Self {
         AmqpSettings {
-            urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()],
+            urls: vec![BrokerUrl::from("amqp://guest:guest@127.0.0.1:5672/%2f")],
             exchange: "cellosign.events".into(),
             routing_key: RoutingKeyTemplate::default(),
             declare: true,
@@ -384,63 +387,6 @@ impl Default for LogSettings {
             format: LogFormat::Text,
             level: "info".into(),
         }
-    }
-}
-
-/// A secret setting (a webhook token): `Debug` and serialization (`check-config`)
-/// show `<redacted>`, so `Settings`, which derives `Debug`, can be logged safely.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret itself, for the one place that must compare or send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(s: &str) -> Self {
-        Secret(s.to_string())
-    }
-}
-
-impl From<String> for Secret {
-    fn from(s: String) -> Self {
-        Secret(s)
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("<redacted>")
-    }
-}
-
-fn redact_urls<S: serde::Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(urls.iter().map(|u| redact_url(u)))
-}
-
-/// The URL with its password replaced, for logs and `check-config`.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:<redacted>@{host}{path}")
-        }
-        None => url.to_string(),
     }
 }
 
@@ -596,8 +542,8 @@ impl Settings {
             return Err(invalid("amqp.urls", "must list at least one broker URL"));
         }
         for url in &amqp.urls {
-            if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
-                return Err(invalid("amqp.urls", format!("{}: {e}", redact_url(url))));
+            if let Err(e) = url.expose().parse::<lapin::uri::AMQPUri>() {
+                return Err(invalid("amqp.urls", format!("{url}: {e}")));
             }
         }
         if amqp.exchange.is_empty() || amqp.exchange.len() > 200 {
