@@ -26,13 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 use tracing::{error, info, warn};
 
-use crate::broker::{Link, backoff};
-use crate::config::AmqpSettings;
-use crate::envelope::Envelope;
-use crate::metrics::Metrics;
-use crate::publish::{
+use crate::amqp::link::{Link, backoff};
+use crate::amqp::message::{
     SendOrder, Tracked, Verdict, confirm_channel, returned_key, send, settled, sleep_until,
 };
+use crate::config::AmqpSettings;
+use crate::event::envelope::Envelope;
+use crate::ops::metrics::Metrics;
 use crate::spool::{Spool, SpoolError};
 
 /// How often `drain_until` looks at the spool depth.

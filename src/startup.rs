@@ -12,18 +12,18 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::admin::Admin;
-use crate::auth::Auth;
-use crate::broker::Link;
+use crate::amqp::confirmed::DirectPublisher;
+use crate::amqp::link::Link;
 use crate::config::{AckMode, Settings};
-use crate::dedup::Dedup;
-use crate::delivery::Delivery;
 use crate::event::Policy;
 use crate::forwarder::Forwarder;
+use crate::http::auth::Auth;
+use crate::http::server::{ServerLimits, TlsError, serve, tls_acceptor};
+use crate::ingress::dedup::Dedup;
+use crate::ingress::delivery::Delivery;
 use crate::ingress::{Ingress, IngressLimits};
-use crate::metrics::Metrics;
-use crate::publish::DirectPublisher;
-use crate::server::{ServerLimits, TlsError, serve, tls_acceptor};
+use crate::ops::admin::Admin;
+use crate::ops::metrics::Metrics;
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use crate::supervisor::{Failure, Supervisor};
 

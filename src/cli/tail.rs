@@ -1,7 +1,7 @@
 //! `tail`: a throw-away consumer that prints matching events as JSON lines, so
 //! operators and consumer developers can see what flows.
 //!
-//! It connects on its own rather than through [`crate::broker::Link`]: it needs
+//! It connects on its own rather than through [`crate::amqp::link::Link`]: it needs
 //! one attempt and a clear failure, not the bridge's endless reconnecting, and
 //! no topology of its own beyond one exclusive queue that the broker deletes
 //! when `tail` goes.
@@ -13,7 +13,7 @@ use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions}
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, Consumer};
 
-use crate::broker::{CONNECT_TIMEOUT, describe, first_that_connects};
+use crate::amqp::link::{CONNECT_TIMEOUT, describe, first_that_connects};
 use crate::config::{BrokerUrl, Settings};
 
 /// Why `tail` stopped.
@@ -114,7 +114,7 @@ async fn bind(
 
 /// Binds an exclusive, auto-delete queue to the exchange with `binding` and
 /// prints until interrupted. Connecting and binding are bounded by
-/// [`CONNECT_TIMEOUT`]; after that it waits for events as long as the operator likes.
+/// `CONNECT_TIMEOUT`; after that it waits for events as long as the operator likes.
 pub async fn run(settings: &Settings, binding: &str) -> Result<(), TailError> {
     let (connection, url) = connect_any(&settings.amqp.urls).await?;
     let exchange = settings.amqp.exchange.as_str();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{DEFAULT_ACCEPT, RoutingKeyTemplate};
-use crate::net::Cidr;
+use crate::http::net::Cidr;
 
 mod secret;
 

@@ -24,6 +24,7 @@
 
 mod body;
 mod ctx;
+pub(crate) mod envelope;
 mod fields;
 mod json;
 mod keys;

@@ -49,7 +49,7 @@ impl Policy {
 }
 
 impl Default for Policy {
-    /// The spec's defaults: [`DEFAULT_ACCEPT`] and [`DEFAULT_ROUTING_KEY`](super::DEFAULT_ROUTING_KEY).
+    /// The spec's defaults: [`DEFAULT_ACCEPT`] and `DEFAULT_ROUTING_KEY` (`{session.reference}`).
     fn default() -> Self {
         Self::new(
             DEFAULT_ACCEPT.iter().map(|t| (*t).to_owned()).collect(),

@@ -22,13 +22,13 @@ pub enum SpoolError {
         /// The configured limit.
         max: u64,
     },
-    /// The record is longer than [`MAX_RECORD_LEN`](super::MAX_RECORD_LEN); nothing was
+    /// The record is longer than `MAX_RECORD_LEN` (1 GiB); nothing was
     /// written.
     #[error("record of {len} bytes exceeds the maximum record size of {max} bytes")]
     TooLarge {
         /// Length of the rejected record.
         len: usize,
-        /// [`MAX_RECORD_LEN`](super::MAX_RECORD_LEN).
+        /// `MAX_RECORD_LEN` (1 GiB).
         max: usize,
     },
     /// The disk or redb failed (ENOSPC, EIO, corruption). For an append this means the record

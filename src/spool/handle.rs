@@ -74,7 +74,7 @@ pub struct SpoolStats {
     /// Of those, the ones committed with `Durability::Immediate` (one fsync each).
     pub durable_commits: u64,
     /// The last write failed; cleared by the next append that is stored, or by the writer's own
-    /// probe (every [`RECOVERY_INTERVAL`](super::RECOVERY_INTERVAL)) once the disk takes
+    /// probe (every [`RECOVERY_INTERVAL`](super::writer::RECOVERY_INTERVAL)) once the disk takes
     /// writes again.
     pub degraded: bool,
     /// Reopens after storage errors since open. Removals not yet durable may be undone by one,
@@ -89,7 +89,7 @@ pub struct SpoolStats {
 /// only signals the writer thread and does not wait: the writer then finishes its queued
 /// operations, closes the file and exits by itself. To know the file is closed (its lock
 /// released), call [`Spool::shutdown`] (async code should, before dropping) or await
-/// [`Spool::writer_stopped`].
+/// `Spool::writer_stopped`.
 #[derive(Clone)]
 pub struct Spool {
     inner: Arc<Inner>,

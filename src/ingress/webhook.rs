@@ -19,12 +19,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::info;
 
-use crate::auth::Auth;
-use crate::dedup::{Check, Dedup};
-use crate::delivery::{Delivery, DeliveryError};
 use crate::event::{Event, Policy, Rejection, validate};
-use crate::metrics::{AcceptedCounters, Metrics};
-use crate::server::Handler;
+use crate::http::auth::Auth;
+use crate::http::server::Handler;
+use crate::ingress::dedup::{Check, Dedup};
+use crate::ingress::delivery::{Delivery, DeliveryError};
+use crate::ops::metrics::{AcceptedCounters, Metrics};
 use crate::supervisor::Supervisor;
 
 /// Seconds a caller is asked to wait after 429.

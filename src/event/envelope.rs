@@ -34,7 +34,7 @@ pub struct DecodeError(&'static str);
 
 impl Envelope {
     /// Builds the envelope of a validated event (`confirmed` mode publishes it as is; the
-    /// spooled path needs only its bytes: [`encode_event`]).
+    /// spooled path needs only its bytes: `encode_event`).
     pub fn new(event: &Event<'_>, body: Bytes, received_at_ms: u64) -> Self {
         Envelope {
             routing_key: event.routing_key.clone(),

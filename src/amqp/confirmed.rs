@@ -19,13 +19,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::broker::Link;
-use crate::envelope::Envelope;
-use crate::metrics::Metrics;
-use crate::publish::{
+use crate::amqp::link::Link;
+use crate::amqp::message::{
     PublishError, SendOrder, Tracked, Verdict, confirm_channel, properties, returned_key, settled,
     sleep_until,
 };
+use crate::event::envelope::Envelope;
+use crate::ops::metrics::Metrics;
 
 /// Requests queued for the publishing task before senders wait.
 const QUEUE: usize = 1024;

@@ -6,10 +6,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use crate::dedup::{Claim, Pending};
-use crate::envelope::{Envelope, encode_event};
+use crate::amqp::confirmed::DirectPublisher;
+use crate::amqp::message::PublishError;
 use crate::event::Event;
-use crate::publish::{DirectPublisher, PublishError};
+use crate::event::envelope::{Envelope, encode_event};
+use crate::ingress::dedup::{Claim, Pending};
 use crate::spool::{Spool, SpoolError};
 
 /// Why an event could not be made durable now; the caller gets 503 and retries.

@@ -8,7 +8,7 @@ use hyper::header::AUTHORIZATION;
 use subtle::ConstantTimeEq;
 
 use crate::config::AuthSettings;
-use crate::net::{Cidr, any_contains, client_addr};
+use crate::http::net::{Cidr, any_contains, client_addr};
 
 /// Header carrying the token for callers that cannot set `Authorization`.
 pub const TOKEN_HEADER: &str = "x-webhook-token";

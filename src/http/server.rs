@@ -27,9 +27,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use conn_guard::{ConnGuard, Expiry};
-
-mod conn_guard;
+use super::conn_guard::{ConnGuard, Expiry};
 
 /// Handles one request from a known peer.
 pub trait Handler: Send + Sync + 'static {

@@ -16,10 +16,8 @@ use lapin::{BasicProperties, Channel, Connection};
 use lapin::{Confirmation, PublisherConfirm};
 use tokio::time::Instant;
 
-use crate::envelope::Envelope;
-use crate::metrics::Metrics;
-
-pub use crate::confirmed::DirectPublisher;
+use crate::event::envelope::Envelope;
+use crate::ops::metrics::Metrics;
 
 /// `app_id` of every published message.
 pub const APP_ID: &str = "cellosign-bridge";

@@ -16,9 +16,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::amqp::topology;
 use crate::config::{AmqpSettings, BrokerUrl};
-use crate::metrics::Metrics;
-use crate::topology;
+use crate::ops::metrics::Metrics;
 
 /// Longest wait for one connection attempt (TCP, TLS, AMQP handshake, topology).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -10,10 +10,10 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
-use crate::broker::{Link, LinkStatus};
+use crate::amqp::link::{Link, LinkStatus};
 use crate::config::AckMode;
-use crate::metrics::Metrics;
-use crate::server::Handler;
+use crate::http::server::Handler;
+use crate::ops::metrics::Metrics;
 use crate::spool::Spool;
 use crate::supervisor::Supervisor;
 

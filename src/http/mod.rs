@@ -1,0 +1,8 @@
+//! HTTP serving shared by the public and admin listeners: accept, TLS, connection
+//! limits and timers ([`server`], [`conn_guard`]), and who is calling: tokens and
+//! allowed networks ([`auth`]) from the client address ([`net`]).
+
+pub(crate) mod auth;
+pub(crate) mod conn_guard;
+pub(crate) mod net;
+pub(crate) mod server;

@@ -1,0 +1,9 @@
+//! Ingress: a webhook comes in, is checked and validated ([`webhook`]), copies of
+//! one message id are stored once ([`dedup`]), and the event is made durable the
+//! way the ack mode says before Cellosign hears "0" ([`delivery`]).
+
+pub(crate) mod dedup;
+pub(crate) mod delivery;
+mod webhook;
+
+pub(crate) use webhook::{Ingress, IngressLimits};
