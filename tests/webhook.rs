@@ -1,12 +1,14 @@
 //! The HTTP and AMQP contract end to end: real app, real HTTP, real RabbitMQ.
 
 mod common;
+mod support;
 
 use std::time::Duration;
 
 use cellosign_bridge::AckMode;
 use common::*;
 use lapin::types::AMQPValue;
+use support::bridge_process::BridgeProcess;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -357,4 +359,67 @@ async fn http_errors_follow_the_contract() {
     assert_eq!(r.code, 422);
     assert!(r.errordesc.contains("duplicate"), "{r:?}");
     app.stop().await;
+}
+
+/// SPEC 9 `client`: the client object of `WHEF_CLIENT_*` events (personal data:
+/// an IP address, a browser) reaches consumers byte for byte and never appears in
+/// the bridge's log at its default level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_object_passes_through_and_is_never_logged() {
+    const TOKEN: &str = "client-token";
+    const IP: &str = "198.51.100.77";
+    const AGENT: &str = "CanaryAgent/7.7 (client-object-test)";
+    let exchange = unique("client");
+    let broker = Broker::connect(&amqp_url()).await;
+    broker.declare_exchange(&exchange).await;
+    let mut consumer = broker.subscribe(&exchange, "#").await;
+    let spool = tempfile::tempdir().expect("temp dir");
+    let bridge = BridgeProcess::start(spool.path(), &amqp_url(), &exchange, TOKEN, &[]);
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let types = [
+        "WHEF_CLIENT_LOGGED_IN",
+        "WHEF_CLIENT_FORM_LOADED",
+        "WHEF_CLIENT_FORM_SUBMITTED",
+    ];
+    let mut sent = Vec::new();
+    for (i, event_type) in types.into_iter().enumerate() {
+        let body = format!(
+            r#"{{"event":{{"type":"{event_type}","timestamp":"2025-01-26T08:49:33.62604{i}"}},"session":{{"id":"cl{i}","reference":"client-ref","transaction_number":{i}}},"client":{{"ip":"{IP}","user_agent":"{AGENT}","geo":{{"country":"IL"}}}}}}"#
+        );
+        let r = client
+            .post(bridge.url(TOKEN))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(
+            r.status(),
+            200,
+            "{event_type}: {}",
+            r.text().await.unwrap_or_default()
+        );
+        sent.push(body);
+    }
+    let got = take(&mut consumer, sent.len(), WAIT).await;
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        .collect();
+    assert_eq!(bodies, sent, "published bodies differ from those posted");
+    let log = bridge.log();
+    assert!(
+        log.contains("client-ref"),
+        "no request line was logged:\n{log}"
+    );
+    assert!(!log.contains(IP), "the client IP is in the log:\n{log}");
+    assert!(
+        !log.contains("CanaryAgent"),
+        "the user agent is in the log:\n{log}"
+    );
+    drop(bridge);
+    broker.cleanup(&exchange).await;
 }
