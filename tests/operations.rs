@@ -169,19 +169,35 @@ async fn a_slow_client_is_cut() {
         s.http.body_read_timeout_ms = 300;
     })
     .await;
+    // Each cut comes after its timeout (300 ms), never much later: the bound is the
+    // setting plus what a loaded two-core machine needs, far below the defaults
+    // (5 s and 10 s) that would pass were the settings ignored.
+    let (setting, margin) = (Duration::from_millis(300), Duration::from_millis(1500));
     // Headers that never finish.
     let mut stream = TcpStream::connect(app.http).await.unwrap();
+    let started = std::time::Instant::now();
     stream
         .write_all(b"POST /webhooks/cellosign HTTP/1.1\r\nhost: x\r\n")
         .await
         .unwrap();
     read_to_close(&mut stream, WAIT).await;
+    let took = started.elapsed();
+    assert!(
+        took >= setting - Duration::from_millis(50) && took <= setting + margin,
+        "unfinished headers cut after {took:?}, header_read_timeout_ms = 300"
+    );
     // A body that never finishes: answered 408 and closed.
     let mut stream = TcpStream::connect(app.http).await.unwrap();
+    let started = std::time::Instant::now();
     let head = "POST /webhooks/cellosign HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"event\":";
     stream.write_all(head.as_bytes()).await.unwrap();
     let got = read_to_close(&mut stream, WAIT).await;
+    let took = started.elapsed();
     assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(
+        took >= setting - Duration::from_millis(50) && took <= setting + margin,
+        "unfinished body cut after {took:?}, body_read_timeout_ms = 300"
+    );
     // Malformed HTTP does not take the process down.
     let mut stream = TcpStream::connect(app.http).await.unwrap();
     stream
