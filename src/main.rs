@@ -26,8 +26,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             cellosign_bridge::init_telemetry(&settings.log);
+            // Handlers first: a SIGTERM that comes while the bridge starts must stop it
+            // cleanly, not kill it with the default action.
+            let stop = shutdown_signal();
             let app = Application::build(settings).await.context("cannot start")?;
-            let result = app.run_until_stopped(shutdown_signal()).await;
+            let result = app.run_until_stopped(stop).await;
             // Exit now: the runtime's drop would wait for blocking threads (a stalled
             // fsync), and the shutdown is promised within the grace period.
             std::process::exit(match result {
@@ -47,20 +50,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
+            // Without signal handlers the process can only be killed; run until then.
+            _ => std::future::pending().await,
         }
-        // Without signal handlers the process can only be killed; run until then.
-        _ => std::future::pending().await,
     }
 }
