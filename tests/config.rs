@@ -233,3 +233,184 @@ fn version_and_help() {
         assert!(help.contains(cmd), "{help}");
     }
 }
+
+/// Every key path of a TOML table, `section.key` (arrays of tables by their first
+/// element, enough for the shipped file).
+fn key_paths(table: &toml::Table, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    for (key, value) in table {
+        let path = format!("{prefix}{key}");
+        match value {
+            toml::Value::Table(inner) => key_paths(inner, &format!("{path}."), out),
+            toml::Value::Array(items) => {
+                if let Some(toml::Value::Table(first)) = items.first() {
+                    key_paths(first, &format!("{path}[]."), out);
+                }
+                out.insert(path);
+            }
+            _ => {
+                out.insert(path);
+            }
+        }
+    }
+}
+
+#[test]
+fn default_toml_names_every_key() {
+    let shipped: toml::Table =
+        toml::from_str(&std::fs::read_to_string("config/default.toml").unwrap()).unwrap();
+    let builtin: toml::Table =
+        toml::from_str(&load(None, None, None, &[]).unwrap().redacted_toml()).unwrap();
+    let (mut in_file, mut in_code) = Default::default();
+    key_paths(&shipped, "", &mut in_file);
+    key_paths(&builtin, "", &mut in_code);
+    let missing: Vec<_> = in_code.difference(&in_file).collect();
+    assert!(
+        missing.is_empty(),
+        "keys with a built-in default that config/default.toml does not show: {missing:?}"
+    );
+}
+
+#[test]
+fn the_environment_wins_over_every_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "default.toml",
+        "[http]\npath = \"/from-default\"\n",
+    );
+    write(
+        dir.path(),
+        "staging.toml",
+        "[http]\npath = \"/from-staging\"\n",
+    );
+    let extra = write(dir.path(), "extra.toml", "[http]\npath = \"/from-flag\"\n");
+    let layered = |env: &[(&str, &str)]| {
+        load(Some(dir.path()), Some("staging"), Some(&extra), env)
+            .unwrap()
+            .http
+            .path
+    };
+    assert_eq!(layered(&[]), "/from-flag");
+    assert_eq!(layered(&[("BRIDGE_HTTP__PATH", "/from-env")]), "/from-env");
+}
+
+#[test]
+fn comma_lists_come_from_the_environment() {
+    let s = load(
+        None,
+        None,
+        None,
+        &[
+            ("BRIDGE_AUTH__ALLOW_FROM", "10.0.0.0/8,192.168.1.0/24"),
+            ("BRIDGE_HTTP__TRUSTED_PROXIES", "127.0.0.1/32,::1/128"),
+            (
+                "BRIDGE_EVENTS__ACCEPT",
+                "WHEF_SESSION_CREATED,WHEF_SESSION_DELETED",
+            ),
+        ],
+    )
+    .unwrap();
+    let shown = |v: &[_]| {
+        v.iter()
+            .map(|c: &_| format!("{c}"))
+            .collect::<Vec<String>>()
+    };
+    assert_eq!(shown(&s.auth.allow_from), ["10.0.0.0/8", "192.168.1.0/24"]);
+    assert_eq!(shown(&s.http.trusted_proxies), ["127.0.0.1/32", "::1/128"]);
+    assert_eq!(
+        s.events.accept,
+        ["WHEF_SESSION_CREATED", "WHEF_SESSION_DELETED"]
+    );
+}
+
+#[test]
+fn bridge_env_is_read_from_the_process_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    write(
+        &dir.path().join("config"),
+        "staging.toml",
+        "[http]\npath = \"/from-staging\"\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"))
+        .arg("check-config")
+        .current_dir(dir.path())
+        .env("BRIDGE_ENV", "staging")
+        .output()
+        .expect("run the binary");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("path = \"/from-staging\""), "{text}");
+}
+
+#[test]
+fn config_before_the_subcommand_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "flag.toml", "[http]\npath = \"/via-flag\"\n");
+    let out = bridge(&["--config", file.to_str().unwrap(), "check-config"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("path = \"/via-flag\""), "{text}");
+}
+
+#[test]
+fn serve_is_the_default_command() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let overrides = write(dir.path(), "test.toml", "[amqp]\nqueues = []\n");
+    let exchange = format!("default-cmd.{}", std::process::id());
+    let amqp = std::env::var("AMQP_ADDR")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"))
+        .args(["--config", overrides.to_str().unwrap()])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
+        .env("BRIDGE_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("BRIDGE_SPOOL__DIR", dir.path().join("spool"))
+        .env("BRIDGE_AMQP__URLS", &amqp)
+        .env("BRIDGE_AMQP__EXCHANGE", &exchange)
+        .env("BRIDGE_AMQP__DECLARE", "false")
+        .env("BRIDGE_LOG__FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the bridge");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("cellosign-bridge serving") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let served = rx.recv_timeout(std::time::Duration::from_secs(30)).is_ok();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(served, "no subcommand did not start serving");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit after SIGTERM: {status:?}"
+    );
+}
