@@ -345,3 +345,140 @@ async fn a_failed_start_leaves_no_task_running() {
     })
     .await;
 }
+
+/// What one request of [`send_until_signal`] got.
+struct Sent {
+    /// When the request started, before any byte was written.
+    at: Instant,
+    /// The HTTP status, or the client's error.
+    outcome: Result<u16, String>,
+    message_id: String,
+}
+
+/// Eight keep-alive senders posting distinct events until `stop` is set.
+fn send_until_signal(
+    url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Sent>> {
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for s in 0..8u64 {
+            let (url, stop) = (url.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let client = client();
+                let mut sent = Vec::new();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let session = format!("sig{s}");
+                    let body = event_body("WHEF_SESSION_CREATED", &session, "r-sig", n);
+                    let at = Instant::now();
+                    let outcome = match client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                    {
+                        Ok(r) => Ok(r.status().as_u16()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let failed = outcome.is_err();
+                    sent.push(Sent {
+                        at,
+                        outcome,
+                        message_id: message_id("WHEF_SESSION_CREATED", &session, n),
+                    });
+                    if failed {
+                        // The listener is closed; nothing more will get in.
+                        break;
+                    }
+                }
+                sent
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap_or_default());
+        }
+        all
+    })
+}
+
+/// SIGTERM and SIGINT under load with a healthy broker: every request sent before
+/// the signal gets an HTTP answer, the process exits 0 within grace + 1 s, every
+/// event answered "0" reaches the queue, and the spool is empty after the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_answers_every_request_sent_before_it_and_leaves_the_spool_empty() {
+    bounded(async {
+        for signal in ["TERM", "INT"] {
+            let exchange = unique("signal");
+            let broker = Broker::connect(&amqp_url()).await;
+            broker.declare_exchange(&exchange).await;
+            let mut consumer = broker.subscribe(&exchange, "#").await;
+            let spool = tempfile::tempdir().expect("temp dir");
+            let grace = GRACE_MS.to_string();
+            let env = [("BRIDGE_SHUTDOWN__GRACE_MS", grace.as_str())];
+            let mut bridge =
+                BridgeProcess::start(spool.path(), &amqp_url(), &exchange, TOKEN, &env);
+            wait_connected(&bridge).await;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let sending = send_until_signal(bridge.url(TOKEN), stop.clone());
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let signalled = Instant::now();
+            bridge.signal(signal);
+            let (took, code) = exit_after(&mut bridge, signalled);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let sent = sending.await.expect("senders");
+            assert_eq!(
+                code,
+                Some(0),
+                "SIG{signal} exit code; log:\n{}",
+                bridge.log()
+            );
+            assert_bounded(took, &format!("SIG{signal}"));
+            let before: Vec<&Sent> = sent.iter().filter(|s| s.at < signalled).collect();
+            assert!(
+                before.len() > 50,
+                "only {} requests before SIG{signal}",
+                before.len()
+            );
+            let unanswered: Vec<&String> = before
+                .iter()
+                .filter_map(|s| s.outcome.as_ref().err())
+                .collect();
+            assert!(
+                unanswered.is_empty(),
+                "SIG{signal}: {} of {} requests sent before the signal got no answer: {:?}",
+                unanswered.len(),
+                before.len(),
+                unanswered.first()
+            );
+            let accepted: BTreeSet<&str> = sent
+                .iter()
+                .filter(|s| s.outcome == Ok(200))
+                .map(|s| s.message_id.as_str())
+                .collect();
+            let events = cellosign_bridge::Spool::inspect(spool.path())
+                .expect("spool readable after exit")
+                .events;
+            assert_eq!(
+                events, 0,
+                "SIG{signal}: events left in the spool with a healthy broker"
+            );
+            let got = take(&mut consumer, accepted.len(), Duration::from_secs(30)).await;
+            let ids: BTreeSet<String> = got
+                .iter()
+                .filter_map(|d| d.properties.message_id().as_ref().map(|m| m.to_string()))
+                .collect();
+            for id in &accepted {
+                assert!(
+                    ids.contains(*id),
+                    "SIG{signal}: {id} answered \"0\" but not delivered"
+                );
+            }
+            broker.cleanup(&exchange).await;
+        }
+    })
+    .await;
+}
