@@ -1,8 +1,10 @@
 //! HTTP serving shared by the public and admin listeners: accept, TLS, connection
-//! limits and timers ([`server`], [`conn_guard`]), and who is calling: tokens and
-//! allowed networks ([`auth`]) from the client address ([`net`]).
+//! limits and timers ([`server`], [`conn_guard`]), bounded body reads ([`body`]),
+//! and who is calling: tokens and allowed networks ([`auth`]) from the client
+//! address ([`net`]).
 
 pub(crate) mod auth;
+pub(crate) mod body;
 pub(crate) mod conn_guard;
 pub(crate) mod net;
 pub(crate) mod server;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::http::request::Parts;
@@ -21,6 +21,7 @@ use tracing::info;
 
 use crate::event::{Event, Policy, Rejection, validate};
 use crate::http::auth::Auth;
+use crate::http::body::{BodyError, read_body};
 use crate::http::server::Handler;
 use crate::ingress::dedup::{Check, Dedup};
 use crate::ingress::delivery::{Delivery, DeliveryError};
@@ -247,21 +248,24 @@ impl Ingress {
 
     /// Reads the whole body, at most `max_body_bytes`, within the body timeout.
     async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
-        let limited = Limited::new(body, self.limits.max_body_bytes);
-        match tokio::time::timeout(self.limits.body_read_timeout, limited.collect()).await {
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(self.too_large()),
-            Ok(Err(_)) => Err(Refusal::new(
+        let read = read_body(
+            body,
+            self.limits.max_body_bytes,
+            self.limits.body_read_timeout,
+        );
+        read.await.map_err(|e| match e {
+            BodyError::TooLarge => self.too_large(),
+            BodyError::Unreadable => Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "body: could not be read",
                 "body_error",
-            )),
-            Err(_) => Err(Refusal::new(
+            ),
+            BodyError::Timeout => Refusal::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "body: not received in time",
                 "body_timeout",
-            )),
-        }
+            ),
+        })
     }
 
     /// The answer to a request, its metrics and its log line. `event` is the validated
