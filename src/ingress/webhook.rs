@@ -4,6 +4,7 @@
 //! Order (the first failing check answers): path 404, method 405, client
 //! address 403, token 401, content type 415, size 413, in flight 429, JSON 400,
 //! validation 422, storing 503. Everything up to 429 is decided from the head.
+//! The token URL (`auth.token_path`), when served, is handed over before these.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use crate::event::{Event, Policy, Rejection, validate};
 use crate::http::auth::Auth;
 use crate::http::body::{BodyError, read_body};
 use crate::http::server::Handler;
+use crate::http::token_endpoint::TokenEndpoint;
 use crate::ingress::dedup::{Check, Dedup};
 use crate::ingress::delivery::{Delivery, DeliveryError};
 use crate::ops::metrics::{AcceptedCounters, Metrics};
@@ -48,7 +50,9 @@ pub struct IngressLimits {
 /// The webhook handler and everything it needs.
 pub struct Ingress {
     limits: IngressLimits,
-    auth: Auth,
+    auth: Arc<Auth>,
+    /// The token URL, served beside the webhook when clients can fetch tokens.
+    token: Option<TokenEndpoint>,
     policy: Policy,
     dedup: Dedup,
     delivery: Delivery,
@@ -104,7 +108,7 @@ impl Ingress {
     /// Assembles the handler.
     pub(crate) fn new(
         limits: IngressLimits,
-        auth: Auth,
+        auth: Arc<Auth>,
         policy: Policy,
         dedup: Dedup,
         delivery: Delivery,
@@ -116,6 +120,7 @@ impl Ingress {
         Ingress {
             limits,
             auth,
+            token: None,
             policy,
             dedup,
             delivery,
@@ -124,6 +129,12 @@ impl Ingress {
             supervisor,
             in_flight,
         }
+    }
+
+    /// Serves the token URL too (SPEC 9).
+    pub(crate) fn with_token_endpoint(mut self, endpoint: TokenEndpoint) -> Self {
+        self.token = Some(endpoint);
+        self
     }
 
     /// The checks decided from the head, up to 429, then the body: the body and the
@@ -330,6 +341,11 @@ impl Ingress {
 
 impl Handler for Ingress {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        if let Some(token) = &self.token
+            && req.uri().path() == token.path()
+        {
+            return token.handle(req, peer).await;
+        }
         let started = Instant::now();
         // The head stays here until the log line, which borrows method and path from it.
         let (head, body) = req.into_parts();
