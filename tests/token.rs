@@ -131,6 +131,20 @@ async fn post_with(app: &TestApp, bearer: Option<&str>, n: u64) -> Answer {
     answer(req.send().await.expect("webhook request")).await
 }
 
+/// A bridge behind a trusted proxy (the test), so requests can come "from" any address.
+async fn behind_proxy(secrets: &Secrets) -> TestApp {
+    let proxy = "127.0.0.1".parse().expect("an address");
+    secrets
+        .spawn(3600, |s| s.http.trusted_proxies = vec![proxy])
+        .await
+}
+
+/// A token request as forwarded for the client address `addr`.
+fn from(app: &TestApp, addr: &str, body: &Value) -> reqwest::RequestBuilder {
+    let req = app.client.post(token_url(app));
+    req.header("x-forwarded-for", addr).json(body)
+}
+
 /// A consumer of everything `app` publishes (the broker connection must live as long).
 async fn subscribe(app: &TestApp) -> (Broker, lapin::Consumer) {
     let broker = Broker::connect(&amqp_url()).await;
@@ -194,12 +208,8 @@ async fn the_documented_request_shapes_get_a_bearer_token() {
 #[tokio::test]
 async fn wrong_credentials_get_401_and_malformed_requests_400() {
     let secrets = Secrets::new(&[KEY_NEW]);
-    // Each wrong try from its own address (behind a trusted proxy), so none is slowed down.
-    let app = secrets
-        .spawn(3600, |s| {
-            s.http.trusted_proxies = vec!["127.0.0.1".parse().unwrap()]
-        })
-        .await;
+    // Each wrong try from its own address, so none is slowed down.
+    let app = behind_proxy(&secrets).await;
     for (i, wrong) in [
         json!({"username": USERNAME, "password": "guess", "grant_type": "password"}),
         json!({"username": "nobody", "password": PASSWORD, "grant_type": "password"}),
@@ -211,8 +221,7 @@ async fn wrong_credentials_get_401_and_malformed_requests_400() {
     .iter()
     .enumerate()
     {
-        let req = app.client.post(token_url(&app)).json(wrong);
-        let req = req.header("x-forwarded-for", format!("192.0.2.{i}"));
+        let req = from(&app, &format!("192.0.2.{i}"), wrong);
         let (code, _, body) = parse(req.send().await.expect("request")).await;
         assert_eq!(
             (code, &body),
@@ -358,18 +367,8 @@ async fn key_rotation_keeps_old_tokens_until_the_old_key_is_removed() {
 #[tokio::test]
 async fn guessing_credentials_is_slowed_down_with_429_and_retry_after() {
     let secrets = Secrets::new(&[KEY_NEW]);
-    // Behind a trusted proxy, so two client addresses can be told apart.
-    let app = secrets
-        .spawn(3600, |s| {
-            s.http.trusted_proxies = vec!["127.0.0.1".parse().unwrap()]
-        })
-        .await;
-    let from = |addr: &str, body: &Value| {
-        app.client
-            .post(token_url(&app))
-            .header("x-forwarded-for", addr)
-            .json(body)
-    };
+    let app = behind_proxy(&secrets).await;
+    let from = |addr: &str, body: &Value| from(&app, addr, body);
     let wrong = json!({"username": USERNAME, "password": "guess"});
     let mut codes = Vec::new();
     for _ in 0..8 {
