@@ -249,6 +249,16 @@ async fn wrong_credentials_get_401_and_malformed_requests_400() {
         (code, &body["error"]),
         (400, &json!("unsupported_grant_type"))
     );
+    let big = json!({"username": USERNAME, "password": "x".repeat(9000)});
+    let (code, _, body) = fetch_json(&app, &big).await;
+    assert_eq!((code, &body["error"]), (413, &json!("invalid_request")));
+    let text = app
+        .client
+        .post(token_url(&app))
+        .header("content-type", "text/plain");
+    let r = text.body(password_grant().to_string()).send().await;
+    let (code, _, body) = parse(r.expect("request")).await;
+    assert_eq!((code, &body["error"]), (400, &json!("invalid_request")));
     let r = app.client.get(token_url(&app)).send().await.expect("GET");
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "POST");

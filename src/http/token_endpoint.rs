@@ -13,7 +13,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, PRAGMA, RETRY_AFTER,
+    ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, PRAGMA,
+    RETRY_AFTER,
 };
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
@@ -109,6 +110,8 @@ fn slow_down(seconds: u64, error: &'static str, metric: &'static str) -> Refusal
     }
 }
 
+/// What credentials are compared as: fixed-size digests, so the comparison's time
+/// depends on neither the candidate's nor the secret's length.
 fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
@@ -400,6 +403,13 @@ fn refused(refusal: &Refusal) -> Response<Full<Bytes>> {
     }
     if let Some(seconds) = refusal.retry_after_s {
         headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    // The rest of the body was not read: the connection cannot be reused.
+    if matches!(
+        refusal.status,
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+    ) {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }
