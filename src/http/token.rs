@@ -40,14 +40,19 @@ struct Key {
 /// Why a token was refused; only ever logged by name, never with the token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum TokenError {
+    /// Not three base64url parts, too long, or a payload of another layout.
     #[error("not a signed token")]
     Malformed,
+    /// A key id none of the keys has: from elsewhere, or a key since removed.
     #[error("signed by an unknown key")]
     UnknownKey,
+    /// The tag does not match: changed, or made without the key.
     #[error("bad signature")]
     Forged,
+    /// Past its expiry.
     #[error("expired")]
     Expired,
+    /// Its client was removed from `[[auth.clients]]`.
     #[error("its client is no longer configured")]
     Revoked,
 }

@@ -40,8 +40,11 @@ const MAX_IN_FLIGHT: usize = 64;
 /// A configured client, kept as digests: candidates are hashed too, so the
 /// constant-time comparison does not even depend on the secret's length.
 struct Credential {
+    /// Which pair of fields it is presented with.
     kind: ClientKind,
+    /// SHA-256 of `username` or `client_id`.
     name: [u8; 32],
+    /// SHA-256 of the password or client secret.
     secret: [u8; 32],
     /// What its tokens name as holder.
     subject: String,
@@ -51,9 +54,13 @@ struct Credential {
 pub(crate) struct TokenEndpoint {
     path: String,
     clients: Vec<Credential>,
+    /// Signs the tokens it issues (shared with the webhook's [`Auth`], which verifies).
     keys: Arc<TokenKeys>,
+    /// The webhook's rules for client addresses: `allow_from`, trusted proxies.
     auth: Arc<Auth>,
+    /// Wrong credentials per client address.
     throttle: Throttle,
+    /// At most [`MAX_IN_FLIGHT`] requests at once.
     in_flight: Semaphore,
     metrics: Arc<Metrics>,
     body_read_timeout: Duration,
@@ -73,8 +80,11 @@ struct TokenRequest {
 /// A refused token request: HTTP code, OAuth error code, a fixed description, a metric label.
 struct Refusal {
     status: StatusCode,
+    /// RFC 6749 error code, the `error` field.
     error: &'static str,
+    /// Fixed text, never built from the request (it could echo a secret).
     description: &'static str,
+    /// Reason label of `events_rejected_total`.
     metric: &'static str,
     retry_after_s: Option<u64>,
 }
