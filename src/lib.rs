@@ -13,7 +13,10 @@
 //! ```
 //!
 //! * `http`: accepting connections for both listeners (`server`), their limits
-//!   and timers (`conn_guard`), tokens and allowed networks (`auth`, `net`).
+//!   and timers (`conn_guard`), bounded body reads (`body`), tokens and allowed
+//!   networks (`auth`, `net`), and the signed tokens Cellosign fetches: their
+//!   codec (`token`), the token URL (`token_endpoint`) and its brake on
+//!   guessing (`throttle`).
 //! * `ingress`: the public webhook endpoint: the contract's checks in order,
 //!   Cellosign's status body on every answer (`webhook`); copies of one message
 //!   id stored once (`dedup`); what "durable" means before the caller gets "0"

@@ -19,6 +19,8 @@ use crate::event::Policy;
 use crate::forwarder::Forwarder;
 use crate::http::auth::Auth;
 use crate::http::server::{ServerLimits, TlsError, serve, tls_acceptor};
+use crate::http::token::TokenKeys;
+use crate::http::token_endpoint::TokenEndpoint;
 use crate::ingress::dedup::Dedup;
 use crate::ingress::delivery::Delivery;
 use crate::ingress::{Ingress, IngressLimits};
@@ -129,9 +131,16 @@ impl Application {
             }
         };
 
-        let auth = Auth::new(&settings.auth, &settings.http.trusted_proxies);
+        let keys = TokenKeys::new(&settings.auth).map(Arc::new);
+        let auth = Arc::new(Auth::new(
+            &settings.auth,
+            &settings.http.trusted_proxies,
+            keys.clone(),
+        ));
         if auth.is_open() {
-            warn!("auth.tokens is empty: anyone who can reach the webhook can post events");
+            warn!(
+                "auth.tokens and auth.clients are empty: anyone who can reach the webhook can post events"
+            );
         }
         let policy = Policy::new(
             settings.events.accept.clone(),
@@ -147,15 +156,32 @@ impl Application {
             max_in_flight: settings.http.max_in_flight,
             body_read_timeout: settings.http.body_read_timeout(),
         };
-        let ingress = Arc::new(Ingress::new(
+        let mut ingress = Ingress::new(
             limits,
-            auth,
+            auth.clone(),
             policy,
             dedup,
             delivery,
             metrics.clone(),
             supervisor.clone(),
-        ));
+        );
+        if let Some(keys) = keys {
+            info!(
+                path = %settings.auth.token_path,
+                clients = settings.auth.clients.len(),
+                keys = settings.auth.token_keys.len(),
+                ttl_s = settings.auth.token_ttl_s,
+                "token URL served"
+            );
+            ingress = ingress.with_token_endpoint(TokenEndpoint::new(
+                &settings.auth,
+                keys,
+                auth,
+                metrics.clone(),
+                settings.http.body_read_timeout(),
+            ));
+        }
+        let ingress = Arc::new(ingress);
         let admin_handler = Arc::new(Admin::new(
             link,
             spool.clone().map(|s| (s, settings.spool.max_bytes)),

@@ -180,6 +180,20 @@ fn bridge(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     cmd.output().expect("run the binary")
 }
 
+/// What a successful `check-config` printed, checked to show none of `secrets`.
+fn shown_without(out: &std::process::Output, secrets: &[&str]) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for secret in secrets {
+        assert!(!text.contains(secret), "{secret} shown:\n{text}");
+    }
+    text
+}
+
 #[test]
 fn check_config_redacts_secrets() {
     let dir = tempfile::tempdir().unwrap();
@@ -192,16 +206,7 @@ fn check_config_redacts_secrets() {
             ("BRIDGE_AMQP__URLS", "amqp://user:hunter2@broker:5672/%2f"),
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !text.contains("super-secret-token") && !text.contains("hunter2"),
-        "{text}"
-    );
+    let text = shown_without(&out, &["super-secret-token", "hunter2"]);
     assert!(
         text.contains("<redacted>") && text.contains("amqp://user:<redacted>@broker:5672/%2f"),
         "{text}"
@@ -232,6 +237,129 @@ fn version_and_help() {
     for cmd in ["serve", "check-config", "tail", "spool"] {
         assert!(help.contains(cmd), "{help}");
     }
+}
+
+/// A config file with one password client and a keys file, plus `extra` TOML.
+fn token_config(dir: &Path, keys: &str, extra: &str) -> std::path::PathBuf {
+    let password = write(dir, "password", "pass-Wd93kq\n");
+    let keys = write(dir, "keys", keys);
+    write(
+        dir,
+        "token.toml",
+        &format!(
+            "[auth]\ntoken_keys_file = {keys:?}\n{extra}\n[[auth.clients]]\nusername = \"cellosign\"\npassword_file = {password:?}\n"
+        ),
+    )
+}
+
+const GOOD_KEY: &str = "k3y-0123456789abcdef0123456789abcdef\n";
+
+#[test]
+fn token_clients_and_keys_load_from_their_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = token_config(
+        dir.path(),
+        &format!("# rotated\n{GOOD_KEY}\nold-{GOOD_KEY}"),
+        "",
+    );
+    let s = load(None, None, Some(&file), &[]).unwrap();
+    assert_eq!(s.auth.token_path, "/webhooks/cellosign/token");
+    assert_eq!(s.auth.token_ttl_s, 3600);
+    let secret = s.auth.clients[0].secret.as_ref().map(|s| s.expose());
+    assert_eq!(
+        secret,
+        Some("pass-Wd93kq"),
+        "one line end is not part of it"
+    );
+    assert_eq!(s.auth.token_keys.len(), 2);
+    let shown = format!("{s:?}");
+    assert!(
+        !shown.contains("pass-Wd93kq") && !shown.contains("k3y-0123"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn bad_token_clients_and_keys_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let empty = write(d, "empty", "\n");
+    let twice = format!("{GOOD_KEY}{GOOD_KEY}");
+    for (keys, extra, key) in [
+        ("too-short\n", "", "auth.token_keys_file"),
+        (twice.as_str(), "", "auth.token_keys_file"),
+        (GOOD_KEY, "token_ttl_s = 0", "auth.token_ttl_s"),
+        (
+            GOOD_KEY,
+            "token_path = \"/webhooks/cellosign\"",
+            "auth.token_path",
+        ),
+    ] {
+        let file = token_config(d, keys, extra);
+        let err = load(None, None, Some(&file), &[]).unwrap_err().to_string();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    let keys = write(d, "good-keys", GOOD_KEY);
+    for (entries, key) in [
+        (
+            "username = \"u\"\npassword_file = \"/nonexistent/pw\"".to_string(),
+            "auth.clients[0].password_file",
+        ),
+        (
+            format!("username = \"u\"\npassword_file = {empty:?}"),
+            "auth.clients[0].password_file",
+        ),
+        (
+            "username = \"u\"".to_string(),
+            "auth.clients[0].password_file",
+        ),
+        (
+            format!("client_id = \"c\"\npassword_file = {empty:?}"),
+            "auth.clients[0]",
+        ),
+        (
+            "client_id = \"c\"\nclient_secret_filee = \"x\"".to_string(),
+            "client_secret_filee",
+        ),
+    ] {
+        let file = write(
+            d,
+            "client.toml",
+            &format!("[auth]\ntoken_keys_file = {keys:?}\n[[auth.clients]]\n{entries}\n"),
+        );
+        let err = load(None, None, Some(&file), &[]).unwrap_err().to_string();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    // Clients need keys; keys need clients.
+    let pw = write(d, "pw", "secret");
+    let no_keys = write(
+        d,
+        "no-keys.toml",
+        &format!("[[auth.clients]]\nusername = \"u\"\npassword_file = {pw:?}\n"),
+    );
+    let err = load(None, None, Some(&no_keys), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("auth.token_keys_file"), "{err}");
+    let keys_only = [("BRIDGE_AUTH__TOKEN_KEYS_FILE", keys.to_str().unwrap())];
+    let err = load(None, None, None, &keys_only).unwrap_err().to_string();
+    assert!(err.contains("auth.token_keys_file"), "{err}");
+}
+
+#[test]
+fn check_config_with_token_clients_redacts_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = token_config(dir.path(), GOOD_KEY, "token_ttl_s = 600");
+    let out = bridge(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    let text = shown_without(&out, &["pass-Wd93kq", "k3y-0123"]);
+    assert!(
+        text.contains("[[auth.clients]]") && text.contains("password_file"),
+        "{text}"
+    );
+    let effective = write(dir.path(), "effective.toml", &text);
+    let s = load(None, None, Some(&effective), &[]).unwrap();
+    assert_eq!(s.auth.token_ttl_s, 600);
+    assert_eq!(s.auth.clients.len(), 1);
 }
 
 /// Every key path of a TOML table, `section.key` (arrays of tables by their first

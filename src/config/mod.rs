@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -14,8 +14,12 @@ use serde::{Deserialize, Serialize};
 use crate::event::{DEFAULT_ACCEPT, RoutingKeyTemplate};
 use crate::http::net::Cidr;
 
+mod auth;
 mod secret;
 
+#[cfg(test)]
+pub(crate) use auth::ClientSettings;
+pub use auth::{AuthSettings, ClientKind};
 pub use secret::{BrokerUrl, Secret};
 
 /// Prefix of environment overrides: `BRIDGE_<SECTION>__<KEY>`.
@@ -42,6 +46,9 @@ pub enum ConfigError {
     /// A value parsed but cannot work.
     #[error("{key}: {problem}")]
     Invalid { key: &'static str, problem: String },
+    /// A value in a list entry (e.g. `auth.clients[0].password_file`) cannot work.
+    #[error("{key}: {problem}")]
+    Entry { key: String, problem: String },
     /// `auth.tokens_file` could not be read.
     #[error("auth.tokens_file: cannot read {path}: {source}")]
     TokensFile {
@@ -155,27 +162,6 @@ impl Default for HttpSettings {
 pub struct TlsSettings {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-}
-
-/// Who may post webhooks.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthSettings {
-    pub tokens: Vec<Secret>,
-    pub tokens_file: String,
-    pub allow_query_token: bool,
-    pub allow_from: Vec<Cidr>,
-}
-
-impl Default for AuthSettings {
-    fn default() -> Self {
-        AuthSettings {
-            tokens: Vec::new(),
-            tokens_file: String::new(),
-            allow_query_token: true,
-            allow_from: Vec::new(),
-        }
-    }
 }
 
 /// Which events are accepted and how repeats are recognised.
@@ -408,28 +394,9 @@ impl Settings {
         }
         builder = env_overrides(builder, sources)?;
         let mut settings: Settings = builder.build()?.try_deserialize()?;
-        settings.load_tokens_file()?;
+        settings.auth.load_files()?;
         settings.check()?;
         Ok(settings)
-    }
-
-    /// Adds tokens from `auth.tokens_file`: one per line, `#` comments and blanks ignored.
-    fn load_tokens_file(&mut self) -> Result<(), ConfigError> {
-        if self.auth.tokens_file.is_empty() {
-            return Ok(());
-        }
-        let path = Path::new(&self.auth.tokens_file);
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::TokensFile {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        self.auth.tokens.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(Secret::from),
-        );
-        Ok(())
     }
 
     /// Rejects values that deserialize but cannot work.
@@ -469,17 +436,7 @@ impl Settings {
                 }
             }
         }
-        if self
-            .auth
-            .tokens
-            .iter()
-            .any(|t| t.expose().is_empty() || t.expose().chars().any(char::is_whitespace))
-        {
-            return Err(invalid(
-                "auth.tokens",
-                "tokens must be non-empty and contain no whitespace",
-            ));
-        }
+        self.auth.check(&http.path)?;
         self.check_events()?;
         if self.spool.max_bytes == 0 {
             return Err(invalid("spool.max_bytes", "must be > 0"));

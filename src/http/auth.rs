@@ -1,14 +1,18 @@
-//! Who may post: client networks and webhook tokens (SPEC 5). Decided from the
-//! request head alone, before the body is read.
+//! Who may post: client networks and webhook tokens (SPEC 5), static or signed
+//! (SPEC 9). Decided from the request head alone, before the body is read.
 
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use hyper::HeaderMap;
 use hyper::header::AUTHORIZATION;
 use subtle::ConstantTimeEq;
+use tracing::debug;
 
 use crate::config::AuthSettings;
 use crate::http::net::{Cidr, any_contains, client_addr};
+use crate::http::token::TokenKeys;
 
 /// Header carrying the token for callers that cannot set `Authorization`.
 pub const TOKEN_HEADER: &str = "x-webhook-token";
@@ -19,11 +23,17 @@ pub struct Auth {
     allow_query_token: bool,
     allow_from: Vec<Cidr>,
     trusted_proxies: Vec<Cidr>,
+    /// Verifies signed tokens, when `[[auth.clients]]` can fetch them.
+    signed: Option<Arc<TokenKeys>>,
 }
 
 impl Auth {
-    /// From `auth.*` and `http.trusted_proxies`.
-    pub(crate) fn new(settings: &AuthSettings, trusted_proxies: &[Cidr]) -> Self {
+    /// From `auth.*` and `http.trusted_proxies`; `signed` verifies fetched tokens.
+    pub(crate) fn new(
+        settings: &AuthSettings,
+        trusted_proxies: &[Cidr],
+        signed: Option<Arc<TokenKeys>>,
+    ) -> Self {
         Auth {
             tokens: settings
                 .tokens
@@ -33,12 +43,22 @@ impl Auth {
             allow_query_token: settings.allow_query_token,
             allow_from: settings.allow_from.clone(),
             trusted_proxies: trusted_proxies.to_vec(),
+            signed,
         }
     }
 
     /// Whether no token is required (the bridge warns about it at start).
     pub(crate) fn is_open(&self) -> bool {
-        self.tokens.is_empty()
+        self.tokens.is_empty() && self.signed.is_none()
+    }
+
+    /// The client address: the peer, or the one behind trusted proxies.
+    pub(crate) fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        client_addr(peer, forwarded, &self.trusted_proxies)
     }
 
     /// Whether the client (behind trusted proxies) may post at all.
@@ -46,17 +66,12 @@ impl Auth {
         if self.allow_from.is_empty() {
             return true;
         }
-        let forwarded = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok());
-        any_contains(
-            &self.allow_from,
-            client_addr(peer, forwarded, &self.trusted_proxies),
-        )
+        any_contains(&self.allow_from, self.client(peer, headers))
     }
 
-    /// Whether the request carries a configured token (always true when none are configured).
+    /// Whether the request carries a configured token, or a signed one as `Bearer`
+    /// (always true when neither is configured). Static tokens are tried first, at
+    /// the same cost as without signed ones.
     pub(crate) fn token_valid(&self, headers: &HeaderMap, query: Option<&str>) -> bool {
         if self.is_open() {
             return true;
@@ -76,10 +91,24 @@ impl Auth {
         let from_query = query
             .filter(|_| self.allow_query_token)
             .and_then(query_token);
-        [bearer, header, from_query.as_deref()]
+        if [bearer, header, from_query.as_deref()]
             .into_iter()
             .flatten()
             .any(|candidate| self.matches(candidate.as_bytes()))
+        {
+            return true;
+        }
+        // Signed tokens only as Bearer, where Cellosign sends them: never in a URL.
+        let (Some(keys), Some(bearer)) = (&self.signed, bearer) else {
+            return false;
+        };
+        match keys.verify(bearer, SystemTime::now()) {
+            Ok(()) => true,
+            Err(why) => {
+                debug!(%why, "bearer token refused");
+                false
+            }
+        }
     }
 
     /// Compares against every token in constant time, without stopping at a match.
@@ -135,7 +164,7 @@ mod tests {
             allow_query_token: allow_query,
             ..AuthSettings::default()
         };
-        Auth::new(&settings, &[])
+        Auth::new(&settings, &[], None)
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Order (the first failing check answers): path 404, method 405, client
 //! address 403, token 401, content type 415, size 413, in flight 429, JSON 400,
 //! validation 422, storing 503. Everything up to 429 is decided from the head.
+//! The token URL (`auth.token_path`), when served, is handed over before these.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::http::request::Parts;
@@ -21,7 +22,9 @@ use tracing::info;
 
 use crate::event::{Event, Policy, Rejection, validate};
 use crate::http::auth::Auth;
+use crate::http::body::{BodyError, read_body};
 use crate::http::server::Handler;
+use crate::http::token_endpoint::TokenEndpoint;
 use crate::ingress::dedup::{Check, Dedup};
 use crate::ingress::delivery::{Delivery, DeliveryError};
 use crate::ops::metrics::{AcceptedCounters, Metrics};
@@ -47,7 +50,9 @@ pub struct IngressLimits {
 /// The webhook handler and everything it needs.
 pub struct Ingress {
     limits: IngressLimits,
-    auth: Auth,
+    auth: Arc<Auth>,
+    /// The token URL, served beside the webhook when clients can fetch tokens.
+    token: Option<TokenEndpoint>,
     policy: Policy,
     dedup: Dedup,
     delivery: Delivery,
@@ -103,7 +108,7 @@ impl Ingress {
     /// Assembles the handler.
     pub(crate) fn new(
         limits: IngressLimits,
-        auth: Auth,
+        auth: Arc<Auth>,
         policy: Policy,
         dedup: Dedup,
         delivery: Delivery,
@@ -115,6 +120,7 @@ impl Ingress {
         Ingress {
             limits,
             auth,
+            token: None,
             policy,
             dedup,
             delivery,
@@ -123,6 +129,12 @@ impl Ingress {
             supervisor,
             in_flight,
         }
+    }
+
+    /// Serves the token URL too (SPEC 9).
+    pub(crate) fn with_token_endpoint(mut self, endpoint: TokenEndpoint) -> Self {
+        self.token = Some(endpoint);
+        self
     }
 
     /// The checks decided from the head, up to 429, then the body: the body and the
@@ -247,21 +259,24 @@ impl Ingress {
 
     /// Reads the whole body, at most `max_body_bytes`, within the body timeout.
     async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
-        let limited = Limited::new(body, self.limits.max_body_bytes);
-        match tokio::time::timeout(self.limits.body_read_timeout, limited.collect()).await {
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(self.too_large()),
-            Ok(Err(_)) => Err(Refusal::new(
+        let read = read_body(
+            body,
+            self.limits.max_body_bytes,
+            self.limits.body_read_timeout,
+        );
+        read.await.map_err(|e| match e {
+            BodyError::TooLarge => self.too_large(),
+            BodyError::Unreadable => Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "body: could not be read",
                 "body_error",
-            )),
-            Err(_) => Err(Refusal::new(
+            ),
+            BodyError::Timeout => Refusal::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "body: not received in time",
                 "body_timeout",
-            )),
-        }
+            ),
+        })
     }
 
     /// The answer to a request, its metrics and its log line. `event` is the validated
@@ -326,6 +341,11 @@ impl Ingress {
 
 impl Handler for Ingress {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        if let Some(token) = &self.token
+            && req.uri().path() == token.path()
+        {
+            return token.handle(req, peer).await;
+        }
         let started = Instant::now();
         // The head stays here until the log line, which borrows method and path from it.
         let (head, body) = req.into_parts();

@@ -41,11 +41,22 @@ pub fn unique(prefix: &str) -> String {
 /// The built-in defaults (no files, no environment), made fit for a test:
 /// port-0 listeners, a unique exchange with no queues, a temp spool.
 pub fn test_settings(mode: AckMode, spool_dir: &std::path::Path) -> Settings {
+    test_settings_from(None, mode, spool_dir)
+}
+
+/// [`test_settings`] on top of a config file (`None`: the built-in defaults alone),
+/// for settings that only a file can give, such as `[[auth.clients]]`.
+pub fn test_settings_from(
+    file: Option<&std::path::Path>,
+    mode: AckMode,
+    spool_dir: &std::path::Path,
+) -> Settings {
     let sources = Sources {
         env: Some(Default::default()),
+        file: file.map(std::path::Path::to_path_buf),
         ..Sources::default()
     };
-    let mut s = Settings::load(&sources).expect("built-in defaults load");
+    let mut s = Settings::load(&sources).expect("settings load");
     s.http.listen = "127.0.0.1:0".parse().unwrap();
     s.admin.listen = "127.0.0.1:0".parse().unwrap();
     s.delivery.ack = mode;

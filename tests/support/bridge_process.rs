@@ -38,10 +38,24 @@ impl BridgeProcess {
         env: &[(&str, &str)],
         adjust: impl FnOnce(&mut Command),
     ) -> BridgeProcess {
+        Self::start_configured(spool, amqp_url, exchange, token, env, "", adjust)
+    }
+
+    /// Like [`BridgeProcess::start_with`], with `config` (TOML) added to the test's
+    /// config file, for settings the environment cannot give (e.g. `[[auth.clients]]`).
+    pub fn start_configured(
+        spool: &Path,
+        amqp_url: &str,
+        exchange: &str,
+        token: &str,
+        env: &[(&str, &str)],
+        config: &str,
+        adjust: impl FnOnce(&mut Command),
+    ) -> BridgeProcess {
         // The shipped config declares `cellosign.sessions`; a test declares its own queues,
         // so nothing it posts lands in a queue that real consumers read.
         let overrides = spool.join("bridge-test.toml");
-        std::fs::write(&overrides, "[amqp]\nqueues = []\n").expect("test config");
+        std::fs::write(&overrides, format!("[amqp]\nqueues = []\n{config}")).expect("test config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"));
         cmd.arg("serve")
             .arg("--config")
