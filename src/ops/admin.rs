@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
@@ -126,12 +126,19 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
 
 impl Handler for Admin {
     async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Full<Bytes>> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return respond(
+        // The path first, as on the public listener: an unknown path is 404 whatever
+        // the method, and 405 (with `Allow`) is for a known one.
+        let known = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
+        if known && req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut response = respond(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
                 "use GET\n".into(),
             );
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return response;
         }
         match req.uri().path() {
             "/healthz" => respond(
