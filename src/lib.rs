@@ -15,9 +15,11 @@
 //! * `http`: accepting connections for both listeners (`server`), their limits
 //!   and timers (`conn_guard`), tokens and allowed networks (`auth`, `net`).
 //! * `ingress`: the public webhook endpoint: the contract's checks in order,
-//!   Cellosign's status body on every answer (`webhook`); copies of one message
-//!   id stored once (`dedup`); what "durable" means before the caller gets "0"
-//!   (`delivery`: the spool, or a broker confirm in `confirmed` mode).
+//!   Cellosign's status body on every answer (`webhook`), for the notification
+//!   and the archive path, each with its own limits and validator (`route`);
+//!   copies of one message id stored once (`dedup`); what "durable" means before
+//!   the caller gets "0" (`delivery`: the spool, or a broker confirm in
+//!   `confirmed` mode).
 //! * `event`: validation of the webhook body (a notification, or an archive:
 //!   `archive`), pure, no I/O, yielding the routing key and message id;
 //!   `envelope` is the accepted event as stored and published.
