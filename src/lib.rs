@@ -18,11 +18,14 @@
 //!   codec (`token`), the token URL (`token_endpoint`) and its brake on
 //!   guessing (`throttle`).
 //! * `ingress`: the public webhook endpoint: the contract's checks in order,
-//!   Cellosign's status body on every answer (`webhook`); copies of one message
-//!   id stored once (`dedup`); what "durable" means before the caller gets "0"
-//!   (`delivery`: the spool, or a broker confirm in `confirmed` mode).
-//! * `event`: validation of the webhook body, pure, no I/O, yielding the routing
-//!   key and message id; `envelope` is the accepted event as stored and published.
+//!   Cellosign's status body on every answer (`webhook`), for the notification
+//!   and the archive path, each with its own limits and validator (`route`);
+//!   copies of one message id stored once (`dedup`); what "durable" means before
+//!   the caller gets "0" (`delivery`: the spool, or a broker confirm in
+//!   `confirmed` mode).
+//! * `event`: validation of the webhook body (a notification, or an archive:
+//!   `archive`), pure, no I/O, yielding the routing key and message id;
+//!   `envelope` is the accepted event as stored and published.
 //! * `spool`: the durable queue on disk, one writer thread, group commit.
 //! * `forwarder`: moves spooled events to the broker, in order per reference, one
 //!   unconfirmed publish per reference, and removes them only after a plain ack.
@@ -65,7 +68,9 @@ pub use config::{
     TlsSettings,
 };
 pub use event::envelope::{DecodeError, Envelope};
-pub use event::{DEFAULT_ACCEPT, Event, Policy, Rejection, validate};
+pub use event::{
+    ARCHIVE_EVENT_TYPE, DEFAULT_ACCEPT, Event, Policy, Rejection, validate, validate_archive,
+};
 pub use fault::ENV as FAULTS_ENV;
 pub use forwarder::Forwarder;
 pub use ops::metrics::Metrics;

@@ -23,7 +23,7 @@ use crate::http::token::TokenKeys;
 use crate::http::token_endpoint::TokenEndpoint;
 use crate::ingress::dedup::Dedup;
 use crate::ingress::delivery::Delivery;
-use crate::ingress::{Ingress, IngressLimits};
+use crate::ingress::{Ingress, IngressLimits, PathLimits};
 use crate::ops::admin::Admin;
 use crate::ops::metrics::Metrics;
 use crate::spool::{Spool, SpoolError, SpoolOptions};
@@ -150,11 +150,20 @@ impl Application {
             Duration::from_secs(settings.events.dedup_window_s),
             settings.events.dedup_max_ids,
         );
+        let http_settings = &settings.http;
         let limits = IngressLimits {
-            path: settings.http.path.clone(),
-            max_body_bytes: settings.http.max_body_bytes,
-            max_in_flight: settings.http.max_in_flight,
-            body_read_timeout: settings.http.body_read_timeout(),
+            notification: PathLimits {
+                path: http_settings.path.clone(),
+                max_body_bytes: http_settings.max_body_bytes,
+                max_in_flight: http_settings.max_in_flight,
+            },
+            archive: PathLimits {
+                path: http_settings.archive_path.clone(),
+                max_body_bytes: http_settings.archive_max_body_bytes,
+                max_in_flight: http_settings.archive_max_in_flight,
+            },
+            max_message_bytes: settings.amqp.max_message_bytes,
+            body_read_timeout: http_settings.body_read_timeout(),
         };
         let mut ingress = Ingress::new(
             limits,
@@ -260,6 +269,7 @@ impl Application {
         info!(
             http = %http_addr,
             path = %self.settings.http.path,
+            archive_path = %self.settings.http.archive_path,
             admin = %admin_addr,
             mode = ?self.settings.delivery.ack,
             "cellosign-bridge serving"

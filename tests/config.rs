@@ -114,6 +114,71 @@ fn bad_values_are_refused_naming_the_key() {
 }
 
 #[test]
+fn archive_keys_have_their_defaults_and_bad_values_are_refused_naming_the_key() {
+    let s = load(None, None, None, &[]).unwrap();
+    assert_eq!(s.http.archive_path, "/webhooks/cellosign/archive");
+    assert_eq!(s.http.archive_max_body_bytes, 64 << 20);
+    assert_eq!(s.http.archive_max_in_flight, 4);
+    assert_eq!(s.amqp.max_message_bytes, 16 << 20);
+    assert_eq!(
+        s.http.max_body_bytes,
+        256 << 10,
+        "the notification path keeps its limit"
+    );
+    for (env, named) in [
+        (
+            &[("BRIDGE_HTTP__ARCHIVE_PATH", "no-slash")][..],
+            "http.archive_path",
+        ),
+        (
+            &[("BRIDGE_HTTP__ARCHIVE_PATH", "/webhooks/cellosign")][..],
+            "http.archive_path",
+        ),
+        (
+            &[
+                ("BRIDGE_HTTP__PATH", "/same"),
+                ("BRIDGE_HTTP__ARCHIVE_PATH", "/same"),
+            ][..],
+            "http.archive_path",
+        ),
+        (
+            &[("BRIDGE_HTTP__ARCHIVE_MAX_BODY_BYTES", "0")][..],
+            "http.archive_max_body_bytes",
+        ),
+        (
+            &[("BRIDGE_HTTP__ARCHIVE_MAX_BODY_BYTES", "2147483648")][..],
+            "http.archive_max_body_bytes",
+        ),
+        (
+            &[("BRIDGE_HTTP__ARCHIVE_MAX_BODY_BYTES", "lots")][..],
+            "archive_max_body_bytes",
+        ),
+        (
+            &[("BRIDGE_HTTP__ARCHIVE_MAX_IN_FLIGHT", "0")][..],
+            "http.archive_max_in_flight",
+        ),
+        (
+            &[("BRIDGE_AMQP__MAX_MESSAGE_BYTES", "0")][..],
+            "amqp.max_message_bytes",
+        ),
+        (
+            &[("BRIDGE_AMQP__MAX_MESSAGE_BYTES", "1073741824")][..],
+            "amqp.max_message_bytes",
+        ),
+        (
+            &[("BRIDGE_EVENTS__ACCEPT", "WHEF_SESSION_CREATED,WHP_ARCHIVE")][..],
+            "events.accept",
+        ),
+    ] {
+        let err = load(None, None, None, env)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(named), "{env:?}: {err}");
+    }
+}
+
+#[test]
 fn settings_debug_shows_no_token_and_no_broker_password() {
     // Settings derive Debug, and a startup error or a log line may print them.
     let s = load(

@@ -7,122 +7,15 @@ use std::time::Duration;
 
 use cellosign_bridge::AckMode;
 use common::*;
-use lapin::types::AMQPValue;
 use support::bridge_process::BridgeProcess;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn header(d: &lapin::message::Delivery, key: &str) -> Option<String> {
-    d.properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(key).cloned())
-        .and_then(|v| match v {
-            AMQPValue::LongString(s) => Some(s.to_string()),
-            _ => None,
-        })
-}
 
 /// Every shared vector gets its answer, and every accepted one reaches the
 /// broker byte for byte with the contract's properties.
 async fn vectors_through(mode: AckMode) {
     let app = spawn_app(mode, |s| s.events.dedup_window_s = 0).await;
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "#").await;
-
-    let mut accepted = Vec::new();
-    for case in vectors() {
-        let name = case["name"].as_str().unwrap();
-        let body = case["body"].as_str().unwrap();
-        let answer = app
-            .post(body.to_string(), case["content_type"].as_str())
-            .await;
-        assert_eq!(
-            u64::from(answer.code),
-            case["expect_http"].as_u64().unwrap(),
-            "{name}: {answer:?}"
-        );
-        assert_eq!(
-            answer.status,
-            case["expect_status"].as_str().unwrap(),
-            "{name}"
-        );
-        if answer.code == 200 {
-            accepted.push(case);
-        }
-    }
-    let got = take(&mut consumer, accepted.len(), WAIT).await;
-    // Order is promised per reference, not across references: pair each delivery
-    // with the oldest unmatched accepted case of its routing key.
-    let mut pending: Vec<Option<&serde_json::Value>> = accepted.iter().map(Some).collect();
-    let pairs: Vec<_> = got
-        .iter()
-        .map(|d| {
-            let slot = pending
-                .iter_mut()
-                .find(|c| {
-                    c.is_some_and(|c| c["routing_key"].as_str() == Some(d.routing_key.as_str()))
-                })
-                .unwrap_or_else(|| panic!("unexpected delivery for {}", d.routing_key));
-            (slot.take().unwrap(), d)
-        })
-        .collect();
-    for (case, d) in pairs {
-        let name = case["name"].as_str().unwrap();
-        let body = case["body"].as_str().unwrap();
-        assert_eq!(d.data, body.as_bytes(), "{name}: body byte for byte");
-        assert_eq!(
-            d.routing_key.as_str(),
-            case["routing_key"].as_str().unwrap(),
-            "{name}"
-        );
-        let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        let (id, ty, ts, reference) = (
-            v["session"]["id"].as_str().unwrap(),
-            v["event"]["type"].as_str().unwrap(),
-            v["event"]["timestamp"].as_str().unwrap(),
-            v["session"]["reference"].as_str().unwrap(),
-        );
-        let p = &d.properties;
-        assert_eq!(*p.delivery_mode(), Some(2), "{name}: persistent");
-        assert_eq!(
-            p.content_type().as_ref().map(|s| s.as_str()),
-            Some("application/json")
-        );
-        assert_eq!(
-            p.message_id().as_ref().map(|s| s.to_string()),
-            Some(format!("{id}:{ty}:{ts}"))
-        );
-        assert_eq!(
-            p.correlation_id().as_ref().map(|s| s.as_str()),
-            Some(reference)
-        );
-        assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some(ty));
-        assert_eq!(
-            p.app_id().as_ref().map(|s| s.as_str()),
-            Some("cellosign-bridge")
-        );
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let ts_prop = p.timestamp().expect("timestamp");
-        assert!(
-            ts_prop <= now && ts_prop + 300 > now,
-            "{name}: timestamp is the receive time"
-        );
-        assert_eq!(header(d, "x-event-type").as_deref(), Some(ty));
-        assert_eq!(header(d, "x-session-id").as_deref(), Some(id));
-        assert_eq!(header(d, "x-session-reference").as_deref(), Some(reference));
-        let at = header(d, "x-received-at").expect("x-received-at");
-        assert!(
-            at.len() == 24 && at.ends_with('Z') && at.as_bytes()[19] == b'.',
-            "{name}: {at}"
-        );
-    }
-    assert_quiet(&mut consumer, Duration::from_millis(300)).await;
+    assert_vectors_end_to_end(&app, &app.url(), vectors()).await;
     app.stop().await;
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{DEFAULT_ACCEPT, RoutingKeyTemplate};
+use crate::event::{ARCHIVE_EVENT_TYPE, DEFAULT_ACCEPT, RoutingKeyTemplate};
 use crate::http::net::Cidr;
 
 mod auth;
@@ -36,6 +36,12 @@ const ENV_LIST_KEYS: &[&str] = &[
 
 /// Longest accepted event type name; keeps the message id within an AMQP short string.
 const MAX_EVENT_TYPE_LEN: usize = 64;
+
+/// Largest body limit: a body must fit one spool record (1 GiB) with its header.
+const MAX_BODY_LIMIT: usize = (1 << 30) - (1 << 12);
+
+/// RabbitMQ's hard cap on `max_message_size` (512 MiB): no broker takes more.
+const MAX_MESSAGE_LIMIT: usize = 512 << 20;
 
 /// Why the settings could not be loaded. Each message names the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +118,13 @@ pub struct HttpSettings {
     pub path: String,
     pub max_body_bytes: usize,
     pub max_in_flight: usize,
+    /// Path of the archive webhook (`WHP_ARCHIVE`), with its own limits below.
+    pub archive_path: String,
+    /// Largest archive body: archives carry the signed PDF and attachments inline.
+    pub archive_max_body_bytes: usize,
+    /// Archive requests handled at once, apart from `max_in_flight`: with the body
+    /// limit, it bounds the memory archives can take.
+    pub archive_max_in_flight: usize,
     pub header_read_timeout_ms: u64,
     pub body_read_timeout_ms: u64,
     /// A connection with no request in progress is closed after this long.
@@ -146,6 +159,9 @@ impl Default for HttpSettings {
             path: "/webhooks/cellosign".into(),
             max_body_bytes: 256 * 1024,
             max_in_flight: 1024,
+            archive_path: "/webhooks/cellosign/archive".into(),
+            archive_max_body_bytes: 64 << 20,
+            archive_max_in_flight: 4,
             header_read_timeout_ms: 5000,
             body_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
@@ -242,6 +258,9 @@ pub struct AmqpSettings {
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
     pub partitions: u16,
+    /// Largest body published as one message; a larger one gets 413 (no claim-check
+    /// store yet), so the broker never sees a message it would refuse.
+    pub max_message_bytes: usize,
     pub queues: Vec<QueueSettings>,
 }
 
@@ -274,6 +293,7 @@ impl Default for AmqpSettings {
             reconnect_initial_ms: 100,
             reconnect_max_ms: 30_000,
             partitions: 0,
+            max_message_bytes: 16 << 20,
             queues: vec![QueueSettings {
                 name: "cellosign.sessions".into(),
                 kind: QueueKind::Quorum,
@@ -405,12 +425,16 @@ impl Settings {
         if !http.path.starts_with('/') {
             return Err(invalid("http.path", "must start with '/'"));
         }
-        if http.max_body_bytes == 0 {
-            return Err(invalid("http.max_body_bytes", "must be > 0"));
+        if http.max_body_bytes == 0 || http.max_body_bytes > MAX_BODY_LIMIT {
+            return Err(invalid(
+                "http.max_body_bytes",
+                format!("must be 1..={MAX_BODY_LIMIT}"),
+            ));
         }
         if http.max_in_flight == 0 {
             return Err(invalid("http.max_in_flight", "must be > 0"));
         }
+        self.check_archive()?;
         if http.header_read_timeout_ms == 0 {
             return Err(invalid("http.header_read_timeout_ms", "must be > 0"));
         }
@@ -463,6 +487,28 @@ impl Settings {
         Ok(())
     }
 
+    /// The archive path's own keys: a path of its own, and limits that can work.
+    fn check_archive(&self) -> Result<(), ConfigError> {
+        let http = &self.http;
+        if !http.archive_path.starts_with('/') {
+            return Err(invalid("http.archive_path", "must start with '/'"));
+        }
+        if http.archive_path == http.path {
+            return Err(invalid("http.archive_path", "must differ from http.path"));
+        }
+        if http.archive_max_body_bytes == 0 || http.archive_max_body_bytes > MAX_BODY_LIMIT {
+            return Err(invalid(
+                "http.archive_max_body_bytes",
+                format!("must be 1..={MAX_BODY_LIMIT}"),
+            ));
+        }
+        if http.archive_max_in_flight == 0 {
+            return Err(invalid("http.archive_max_in_flight", "must be > 0"));
+        }
+        Ok(())
+    }
+
+    /// The accept list: known-good type names; the archive type belongs to its own path.
     fn check_events(&self) -> Result<(), ConfigError> {
         let accept = &self.events.accept;
         if accept.is_empty() {
@@ -481,6 +527,12 @@ impl Settings {
                     format!(
                         "{t:?}: an event type is 1..={MAX_EVENT_TYPE_LEN} printable ASCII characters"
                     ),
+                ));
+            }
+            if t == ARCHIVE_EVENT_TYPE {
+                return Err(invalid(
+                    "events.accept",
+                    format!("{t} is accepted on http.archive_path only; remove it from this list"),
                 ));
             }
         }
@@ -508,6 +560,12 @@ impl Settings {
         }
         if amqp.publish_timeout_ms == 0 {
             return Err(invalid("amqp.publish_timeout_ms", "must be > 0"));
+        }
+        if amqp.max_message_bytes == 0 || amqp.max_message_bytes > MAX_MESSAGE_LIMIT {
+            return Err(invalid(
+                "amqp.max_message_bytes",
+                format!("must be 1..={MAX_MESSAGE_LIMIT} (RabbitMQ's largest message)"),
+            ));
         }
         if amqp.max_unconfirmed == 0 {
             return Err(invalid("amqp.max_unconfirmed", "must be > 0"));

@@ -2,7 +2,8 @@
 
 use serde::de::MapAccess;
 
-use super::ctx::Ctx;
+use super::archive::SessionsHandler;
+use super::ctx::{Ctx, Kind};
 use super::fields::Fields;
 use super::json::{ObjectHandler, Scalar, next_object, next_scalar, skip_value};
 use super::keys::{Keys, object_keys};
@@ -61,6 +62,13 @@ impl<'de> ObjectHandler<'de> for BodyHandler<'_, '_> {
                     };
                     next_object(&mut map, handler)?;
                 }
+                Some(TopKey::Session) if ctx.kind == Kind::Archive => {
+                    let handler = SessionsHandler {
+                        ctx: &mut *ctx,
+                        out: &mut out,
+                    };
+                    next_object(&mut map, handler)?;
+                }
                 Some(TopKey::Session) => {
                     let handler = SessionHandler {
                         ctx: &mut *ctx,
@@ -96,7 +104,7 @@ struct EventHandler<'c, 'p, 'f, 'de> {
 impl<'de> ObjectHandler<'de> for EventHandler<'_, '_, '_, 'de> {
     type Out = ();
 
-    /// Keeps the type if the policy accepts it and the timestamp if it is a
+    /// Keeps the type if this webhook accepts it and the timestamp if it is a
     /// real date and time.
     fn object<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let ctx = self.ctx;
@@ -104,7 +112,7 @@ impl<'de> ObjectHandler<'de> for EventHandler<'_, '_, '_, 'de> {
         while let Some(key) = map.next_key_seed(keys.seed(ctx))? {
             match keys.note(key, ctx) {
                 Some(EventKey::Type) => match next_scalar(&mut map, true)? {
-                    Scalar::Str(s) if ctx.policy.accepts(&s) => self.out.event_type = Some(s),
+                    Scalar::Str(s) if ctx.accepts(&s) => self.out.event_type = Some(s),
                     Scalar::Str(_) => ctx.flag("event.type", Problem::TypeNotAccepted),
                     _ => ctx.flag("event.type", Problem::WrongType(MUST_STRING)),
                 },

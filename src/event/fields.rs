@@ -47,6 +47,9 @@ pub(super) struct Fields<'a> {
     pub(super) process_id: Option<Cow<'a, str>>,
     /// `session.recipient.name`, when a string.
     pub(super) recipient_name: Option<Cow<'a, str>>,
+    /// `Some(0)` when an archive's `session` is an array: the session fields
+    /// above are its first item's, and a reason about them names `session[0]`.
+    pub(super) first_item: Option<u32>,
 }
 
 impl<'a> Fields<'a> {
@@ -64,6 +67,12 @@ impl<'a> Fields<'a> {
     /// Turns the collected fields into an [`Event`]; only called when no
     /// problem was recorded.
     pub(super) fn into_event(self, policy: &Policy) -> Result<Event<'a>, Invalid> {
+        let item = self.first_item;
+        self.build(policy).map_err(|e| e.in_item(item))
+    }
+
+    /// [`Fields::into_event`], with reasons not yet placed in an archive session.
+    fn build(self, policy: &Policy) -> Result<Event<'a>, Invalid> {
         let routing_key = policy.routing_key().render(&self)?;
         let need = |v: Option<Cow<'a, str>>, path| v.ok_or(Invalid::new(path, Problem::Missing));
         let event_type = need(self.event_type, "event.type")?;

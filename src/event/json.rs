@@ -27,6 +27,14 @@ pub(super) trait ObjectHandler<'de> {
     fn object<A: MapAccess<'de>>(self, map: A) -> Result<Self::Out, A::Error>;
     /// The value is not an object (it has already been consumed).
     fn not_object(self) -> Self::Out;
+    /// The value is an array (by default: drained, and not an object).
+    fn array<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Out, A::Error>
+    where
+        Self: Sized,
+    {
+        drain_seq(seq)?;
+        Ok(self.not_object())
+    }
     /// The value is `null` (by default: not an object).
     fn null(self) -> Self::Out
     where
@@ -37,11 +45,11 @@ pub(super) trait ObjectHandler<'de> {
 }
 
 /// Adapts an [`ObjectHandler`] to serde: any non-object value is consumed and
-/// reported through `not_object`, never as an error.
+/// reported through `not_object` (an array through `array`), never as an error.
 pub(super) struct ObjectVisitor<H>(pub(super) H);
 
-/// An object goes to `object`, `null` to `null`, and every other value to
-/// `not_object` once consumed.
+/// An object goes to `object`, an array to `array`, `null` to `null`, and every
+/// other value to `not_object` once consumed.
 impl<'de, H: ObjectHandler<'de>> Visitor<'de> for ObjectVisitor<H> {
     type Value = H::Out;
 
@@ -52,8 +60,7 @@ impl<'de, H: ObjectHandler<'de>> Visitor<'de> for ObjectVisitor<H> {
         self.0.object(map)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        drain_seq(seq)?;
-        Ok(self.0.not_object())
+        self.0.array(seq)
     }
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
         Ok(self.0.null())
@@ -160,7 +167,7 @@ pub(super) fn next_scalar<'de, A: MapAccess<'de>>(
 }
 
 /// A [`DeserializeSeed`] that hands any value to its visitor.
-struct Seed<V>(V);
+pub(super) struct Seed<V>(pub(super) V);
 
 /// Asks the parser for whatever value comes next: the visitor judges its type.
 impl<'de, V: Visitor<'de>> DeserializeSeed<'de> for Seed<V> {

@@ -18,10 +18,12 @@
 //! * `keys`: one enum per JSON object for the keys it reads, and duplicate-key detection;
 //! * `body`: the top-level object and `event`;
 //! * `session`: `session`, `session.recipient` and `session.labels`;
+//! * `archive`: the archive webhook's `session`, one object or an array of them;
 //! * `timestamp`: the `event.timestamp` format and calendar check.
 //!
 //! The unit tests are in the `tests*` files beside them, one topic each.
 
+mod archive;
 mod body;
 mod ctx;
 pub(crate) mod envelope;
@@ -37,6 +39,8 @@ mod timestamp;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_archive;
+#[cfg(test)]
 mod tests_fields;
 #[cfg(test)]
 mod tests_keys;
@@ -49,6 +53,7 @@ mod tests_timestamp;
 
 use serde::de::Deserializer as _;
 
+pub use archive::{ARCHIVE_EVENT_TYPE, validate_archive};
 pub use fields::Event;
 pub use policy::{DEFAULT_ACCEPT, Policy};
 use rejection::Malformed;
@@ -56,7 +61,7 @@ pub use rejection::Rejection;
 pub use template::RoutingKeyTemplate;
 
 use body::BodyHandler;
-use ctx::Ctx;
+use ctx::{Ctx, Kind};
 use json::ObjectVisitor;
 
 /// Longest AMQP routing key (a short string on the wire).
@@ -84,13 +89,19 @@ pub const MAX_MESSAGE_ID_BYTES: usize = 255;
 /// assert_eq!((err.http_status(), err.to_string().as_str()), (422, "body: not a JSON object"));
 /// ```
 pub fn validate<'a>(body: &'a [u8], policy: &Policy) -> Result<Event<'a>, Rejection> {
+    run(body, policy, Kind::Notification)
+}
+
+/// The one validation pass of both webhooks: UTF-8, JSON, the `kind`'s rules,
+/// then the routing key and message id.
+fn run<'a>(body: &'a [u8], policy: &Policy, kind: Kind) -> Result<Event<'a>, Rejection> {
     let text = std::str::from_utf8(body).map_err(|e| Malformed::NotUtf8 {
         valid_up_to: e.valid_up_to(),
     })?;
     if text.trim_ascii().is_empty() {
         return Err(Malformed::Empty.into());
     }
-    let mut ctx = Ctx::new(policy);
+    let mut ctx = Ctx::new(policy, kind);
     let mut de = serde_json::Deserializer::from_str(text);
     let fields = de
         .deserialize_any(ObjectVisitor(BodyHandler::new(&mut ctx)))

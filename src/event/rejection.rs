@@ -11,6 +11,8 @@ pub(super) const MUST_STRING: &str = "must be a string";
 pub(super) const MUST_STRING_OR_NULL: &str = "must be a string or null";
 /// Reason text of [`Problem::WrongType`] for a required object.
 pub(super) const MUST_OBJECT: &str = "must be an object";
+/// Reason text of [`Problem::WrongType`] for an archive's `session`.
+pub(super) const MUST_SESSIONS: &str = "must be an object or an array of objects";
 /// Reason text of [`Problem::WrongType`] for an optional object.
 pub(super) const MUST_OBJECT_OR_NULL: &str = "must be an object or null";
 /// Reason text of [`Problem::WrongType`] for a required unsigned integer.
@@ -96,19 +98,43 @@ impl From<serde_json::Error> for Malformed {
 
 /// A JSON body that is not an acceptable event (HTTP 422): which field, and what is wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {problem}")]
 pub struct Invalid {
     /// The field path, e.g. `session.reference`; `body` for the whole document
     /// and `routing key` for the rendered key.
     pub field: &'static str,
     /// What is wrong with it.
     pub problem: Problem,
+    /// For a `session` path in an archive whose `session` is an array: the index
+    /// of the session, shown as `session[1].reference`.
+    pub item: Option<u32>,
 }
 
 impl Invalid {
     /// An `Invalid` for `field`; the validator's only way to make one.
     pub(super) fn new(field: &'static str, problem: Problem) -> Self {
-        Self { field, problem }
+        Self {
+            field,
+            problem,
+            item: None,
+        }
+    }
+
+    /// The same, placed in archive session `item` if its field is a `session` path.
+    pub(super) fn in_item(mut self, item: Option<u32>) -> Self {
+        if self.field.starts_with("session") {
+            self.item = item;
+        }
+        self
+    }
+}
+
+impl fmt::Display for Invalid {
+    /// `field: problem`, with the session index after `session` when there is one.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.item, self.field.strip_prefix("session")) {
+            (Some(i), Some(rest)) => write!(f, "session[{i}]{rest}: {}", self.problem),
+            _ => write!(f, "{}: {}", self.field, self.problem),
+        }
     }
 }
 
@@ -144,6 +170,9 @@ pub enum Problem {
     /// The message id `{session.id}:{event.type}:{event.timestamp}` would not fit an
     /// AMQP short string (255 bytes); only a very long timestamp fraction gets here.
     MessageIdTooLong,
+    /// An archive session's reference differs from the first session's: the
+    /// archive could not be routed by one reference.
+    ReferenceMismatch,
 }
 
 impl Problem {
@@ -162,6 +191,7 @@ impl Problem {
             Problem::MissingForRoutingKey
             | Problem::RoutingKeyEmpty
             | Problem::RoutingKeyTooLong => "routing_key",
+            Problem::ReferenceMismatch => "reference_mismatch",
         }
     }
 }
@@ -192,6 +222,7 @@ impl fmt::Display for Problem {
             Problem::RoutingKeyTooLong => {
                 write!(f, "longer than {MAX_ROUTING_KEY_BYTES} bytes")
             }
+            Problem::ReferenceMismatch => f.write_str("differs from session[0].reference"),
         }
     }
 }

@@ -126,7 +126,7 @@ impl<'de> ObjectHandler<'de> for SessionHandler<'_, '_, '_, 'de> {
 /// Reads the next value of `map` as required text at `path`: a string, not
 /// empty, at most `max` bytes, free of control characters. Gives it back only
 /// if it passed; records what is wrong otherwise.
-fn next_text<'de, A: MapAccess<'de>>(
+pub(super) fn next_text<'de, A: MapAccess<'de>>(
     map: &mut A,
     ctx: &mut Ctx<'_>,
     path: &'static str,
@@ -144,9 +144,9 @@ fn next_text<'de, A: MapAccess<'de>>(
 /// `session.recipient`: an object with integer `id` and string `name`, or null.
 /// Other keys may repeat here (as the spec allows); a repeated `id` or `name`
 /// is refused, since the name can feed the routing key.
-struct RecipientHandler<'c, 'p> {
+pub(super) struct RecipientHandler<'c, 'p> {
     /// Where problems are recorded.
-    ctx: &'c mut Ctx<'p>,
+    pub(super) ctx: &'c mut Ctx<'p>,
 }
 
 impl<'de> ObjectHandler<'de> for RecipientHandler<'_, '_> {

@@ -181,6 +181,11 @@ impl Default for RoutingKeyTemplate {
 }
 
 impl RoutingKeyTemplate {
+    /// Whether the template names `p`: an archive reads such a field only then.
+    pub(super) fn uses(&self, p: Placeholder) -> bool {
+        self.parts.contains(&Part::Field(p))
+    }
+
     /// Fills the template from validated fields; rejects a missing field, an
     /// empty key or one over 255 bytes.
     pub(super) fn render(&self, f: &Fields<'_>) -> Result<String, Invalid> {

@@ -272,7 +272,7 @@ impl TokenEndpoint {
         if declared.is_some_and(|n| n > MAX_REQUEST_BYTES as u64) {
             return Err(too_large);
         }
-        let bytes = read_body(body, MAX_REQUEST_BYTES, self.body_read_timeout)
+        let bytes = read_body(body, MAX_REQUEST_BYTES, declared, self.body_read_timeout)
             .await
             .map_err(|e| match e {
                 BodyError::TooLarge => too_large,

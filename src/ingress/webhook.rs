@@ -4,7 +4,9 @@
 //! Order (the first failing check answers): path 404, method 405, client
 //! address 403, token 401, content type 415, size 413, in flight 429, JSON 400,
 //! validation 422, storing 503. Everything up to 429 is decided from the head.
-//! The token URL (`auth.token_path`), when served, is handed over before these.
+//! The path picks the [`Route`]: the notification path or the archive path,
+//! each with its own size limit, in-flight permits and validator. The token URL
+//! (`auth.token_path`), when served, is handed over before these.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -17,16 +19,17 @@ use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::SemaphorePermit;
 use tracing::info;
 
-use crate::event::{Event, Policy, Rejection, validate};
+use crate::event::{ARCHIVE_EVENT_TYPE, Event, Policy, Rejection, validate, validate_archive};
 use crate::http::auth::Auth;
 use crate::http::body::{BodyError, read_body};
 use crate::http::server::Handler;
 use crate::http::token_endpoint::TokenEndpoint;
 use crate::ingress::dedup::{Check, Dedup};
 use crate::ingress::delivery::{Delivery, DeliveryError};
+use crate::ingress::route::{PathLimits, Route};
 use crate::ops::metrics::{AcceptedCounters, Metrics};
 use crate::supervisor::Supervisor;
 
@@ -41,15 +44,20 @@ const ACCEPTED_BODY: &[u8] = br#"{"status":"0","errordesc":""}"#;
 /// Limits of the public endpoint.
 #[derive(Debug, Clone)]
 pub struct IngressLimits {
-    pub path: String,
-    pub max_body_bytes: usize,
-    pub max_in_flight: usize,
+    /// The notification path (`http.path`, `http.max_body_bytes`, `http.max_in_flight`).
+    pub notification: PathLimits,
+    /// The archive path (`http.archive_*`).
+    pub archive: PathLimits,
+    /// `amqp.max_message_bytes`: a larger body gets 413 on either path.
+    pub max_message_bytes: usize,
     pub body_read_timeout: Duration,
 }
 
 /// The webhook handler and everything it needs.
 pub struct Ingress {
-    limits: IngressLimits,
+    /// The notification path, then the archive path.
+    routes: [Route; 2],
+    body_read_timeout: Duration,
     auth: Arc<Auth>,
     /// The token URL, served beside the webhook when clients can fetch tokens.
     token: Option<TokenEndpoint>,
@@ -61,7 +69,6 @@ pub struct Ingress {
     accepted: AcceptedCounters,
     /// Once a background task died nothing may be answered "0": it might never be forwarded.
     supervisor: Supervisor,
-    in_flight: Semaphore,
 }
 
 /// A refused request: its HTTP code, the reason shown to the caller, and a metric label.
@@ -115,10 +122,16 @@ impl Ingress {
         metrics: Arc<Metrics>,
         supervisor: Supervisor,
     ) -> Self {
-        let in_flight = Semaphore::new(limits.max_in_flight);
-        let accepted = metrics.accepted_counters(policy.accept());
+        let routes = [
+            Route::new(&limits.notification, limits.max_message_bytes, validate),
+            Route::new(&limits.archive, limits.max_message_bytes, validate_archive),
+        ];
+        let mut types = policy.accept().to_vec();
+        types.push(ARCHIVE_EVENT_TYPE.to_owned());
+        let accepted = metrics.accepted_counters(&types);
         Ingress {
-            limits,
+            routes,
+            body_read_timeout: limits.body_read_timeout,
             auth,
             token: None,
             policy,
@@ -127,7 +140,6 @@ impl Ingress {
             metrics,
             accepted,
             supervisor,
-            in_flight,
         }
     }
 
@@ -137,21 +149,21 @@ impl Ingress {
         self
     }
 
-    /// The checks decided from the head, up to 429, then the body: the body and the
-    /// in-flight permit, which the caller holds until the event is stored.
+    /// The checks decided from the head, up to 429, then the body: the route, the body
+    /// and the route's in-flight permit, which the caller holds until the event is stored.
     async fn admit(
         &self,
         head: &Parts,
         body: Incoming,
         peer: SocketAddr,
-    ) -> Result<(SemaphorePermit<'_>, Bytes), Refusal> {
-        if head.uri.path() != self.limits.path {
+    ) -> Result<(&Route, SemaphorePermit<'_>, Bytes), Refusal> {
+        let Some(route) = self.routes.iter().find(|r| r.path == head.uri.path()) else {
             return Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "unknown path",
                 "not_found",
             ));
-        }
+        };
         if head.method != Method::POST {
             return Err(Refusal::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -187,18 +199,18 @@ impl Ingress {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.limits.max_body_bytes as u64) {
-            return Err(self.too_large());
+        if declared.is_some_and(|n| n > route.max_body_bytes as u64) {
+            return Err(too_large(route));
         }
-        let permit = self.in_flight.try_acquire().map_err(|_| {
+        let permit = route.in_flight.try_acquire().map_err(|_| {
             Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests in flight",
                 "overloaded",
             )
         })?;
-        let body = self.read_body(body).await?;
-        Ok((permit, body))
+        let body = self.read_body(route, body, declared).await?;
+        Ok((route, permit, body))
     }
 
     /// Dedup and delivery of a validated event: Ok once it is durable (or was already).
@@ -249,23 +261,16 @@ impl Ingress {
         Ok(())
     }
 
-    fn too_large(&self) -> Refusal {
-        Refusal::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body larger than {} bytes", self.limits.max_body_bytes),
-            "too_large",
-        )
-    }
-
-    /// Reads the whole body, at most `max_body_bytes`, within the body timeout.
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
-        let read = read_body(
-            body,
-            self.limits.max_body_bytes,
-            self.limits.body_read_timeout,
-        );
+    /// Reads the whole body, at most the route's limit, within the body timeout.
+    async fn read_body(
+        &self,
+        route: &Route,
+        body: Incoming,
+        declared: Option<u64>,
+    ) -> Result<Bytes, Refusal> {
+        let read = read_body(body, route.max_body_bytes, declared, self.body_read_timeout);
         read.await.map_err(|e| match e {
-            BodyError::TooLarge => self.too_large(),
+            BodyError::TooLarge => too_large(route),
             BodyError::Unreadable => Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "body: could not be read",
@@ -354,7 +359,7 @@ impl Handler for Ingress {
             peer,
             started,
         };
-        let (permit, body) = match self.admit(&head, body, peer).await {
+        let (route, permit, body) = match self.admit(&head, body, peer).await {
             Ok(admitted) => admitted,
             Err(refusal) => return self.respond(&seen, None, Err(refusal)),
         };
@@ -362,7 +367,7 @@ impl Handler for Ingress {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         // Kept until the log line, which borrows its fields instead of copying them.
-        let event = match validate(&body, &self.policy) {
+        let event = match (route.validate)(&body, &self.policy) {
             Ok(event) => event,
             Err(rejection) => {
                 drop(permit);
@@ -373,6 +378,15 @@ impl Handler for Ingress {
         drop(permit);
         self.respond(&seen, Some(&event), result)
     }
+}
+
+/// 413, naming the limit in force on `route`.
+fn too_large(route: &Route) -> Refusal {
+    Refusal::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        route.too_large.clone(),
+        "too_large",
+    )
 }
 
 /// `application/json`, with any parameters.

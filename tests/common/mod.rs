@@ -124,9 +124,24 @@ impl TestApp {
         format!("http://{}{}", self.http, self.settings.http.path)
     }
 
+    /// The archive webhook URL (SPEC 9).
+    pub fn archive_url(&self) -> String {
+        format!("http://{}{}", self.http, self.settings.http.archive_path)
+    }
+
     /// POSTs `body` with a content type (None: no header) and parses the status body.
     pub async fn post(&self, body: impl Into<reqwest::Body>, content_type: Option<&str>) -> Answer {
-        let mut req = self.client.post(self.url()).body(body);
+        self.post_to(&self.url(), body, content_type).await
+    }
+
+    /// POSTs `body` to `url` with a content type (None: no header).
+    pub async fn post_to(
+        &self,
+        url: &str,
+        body: impl Into<reqwest::Body>,
+        content_type: Option<&str>,
+    ) -> Answer {
+        let mut req = self.client.post(url).body(body);
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
@@ -373,6 +388,127 @@ pub async fn take(consumer: &mut Consumer, n: usize, within: Duration) -> Vec<De
     out
 }
 
+/// A string header of a delivery.
+pub fn header(d: &Delivery, key: &str) -> Option<String> {
+    d.properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(key).cloned())
+        .and_then(|v| match v {
+            lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+            _ => None,
+        })
+}
+
+/// Asserts the SPEC 3 properties and headers of delivery `d` (of the vector `name`),
+/// read from its body; an archive's `session` may be an array, whose first session
+/// gives the id (SPEC 9).
+pub fn assert_contract_properties(d: &Delivery, name: &str) {
+    let v: serde_json::Value = serde_json::from_slice(&d.data).expect("a JSON body");
+    let session = &v["session"];
+    let first = if session.is_array() {
+        &session[0]
+    } else {
+        session
+    };
+    let (id, ty, ts, reference) = (
+        first["id"].as_str().unwrap(),
+        v["event"]["type"].as_str().unwrap(),
+        v["event"]["timestamp"].as_str().unwrap(),
+        first["reference"].as_str().unwrap(),
+    );
+    let p = &d.properties;
+    assert_eq!(*p.delivery_mode(), Some(2), "{name}: persistent");
+    assert_eq!(
+        p.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(
+        p.message_id().as_ref().map(|s| s.to_string()),
+        Some(format!("{id}:{ty}:{ts}")),
+        "{name}"
+    );
+    assert_eq!(
+        p.correlation_id().as_ref().map(|s| s.as_str()),
+        Some(reference)
+    );
+    assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some(ty));
+    assert_eq!(
+        p.app_id().as_ref().map(|s| s.as_str()),
+        Some("cellosign-bridge")
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let ts_prop = p.timestamp().expect("timestamp");
+    assert!(
+        ts_prop <= now && ts_prop + 300 > now,
+        "{name}: timestamp is the receive time"
+    );
+    assert_eq!(header(d, "x-event-type").as_deref(), Some(ty));
+    assert_eq!(header(d, "x-session-id").as_deref(), Some(id));
+    assert_eq!(header(d, "x-session-reference").as_deref(), Some(reference));
+    let at = header(d, "x-received-at").expect("x-received-at");
+    assert!(
+        at.len() == 24 && at.ends_with('Z') && at.as_bytes()[19] == b'.',
+        "{name}: {at}"
+    );
+}
+
+/// Posts every vector of `cases` to `url`, checks each answer, and checks that each
+/// accepted one reached the broker byte for byte, with its routing key and the
+/// contract's properties (SPEC 3), and nothing else did.
+pub async fn assert_vectors_end_to_end(app: &TestApp, url: &str, cases: Vec<serde_json::Value>) {
+    let exchange = app.settings.amqp.exchange.clone();
+    let broker = Broker::connect(&amqp_url()).await;
+    broker.declare_exchange(&exchange).await;
+    let mut consumer = broker.subscribe(&exchange, "#").await;
+
+    let mut accepted = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let body = case["body"].as_str().unwrap();
+        let answer = app
+            .post_to(url, body.to_string(), case["content_type"].as_str())
+            .await;
+        assert_eq!(
+            u64::from(answer.code),
+            case["expect_http"].as_u64().unwrap(),
+            "{name}: {answer:?}"
+        );
+        assert_eq!(
+            answer.status,
+            case["expect_status"].as_str().unwrap(),
+            "{name}"
+        );
+        if answer.code == 200 {
+            accepted.push(case);
+        }
+    }
+    let got = take(&mut consumer, accepted.len(), Duration::from_secs(20)).await;
+    // Order is promised per reference, not across references: pair each delivery
+    // with the oldest unmatched accepted case of its routing key.
+    let mut pending: Vec<Option<&serde_json::Value>> = accepted.iter().map(Some).collect();
+    for d in &got {
+        let slot = pending
+            .iter_mut()
+            .find(|c| c.is_some_and(|c| c["routing_key"].as_str() == Some(d.routing_key.as_str())))
+            .unwrap_or_else(|| panic!("unexpected delivery for {}", d.routing_key));
+        let case = slot.take().unwrap();
+        let name = case["name"].as_str().unwrap();
+        let body = case["body"].as_str().unwrap();
+        assert_eq!(d.data, body.as_bytes(), "{name}: body byte for byte");
+        assert_eq!(
+            d.routing_key.as_str(),
+            case["routing_key"].as_str().unwrap(),
+            "{name}"
+        );
+        assert_contract_properties(d, name);
+    }
+    assert_quiet(&mut consumer, Duration::from_millis(300)).await;
+}
+
 /// Asserts that nothing more arrives for `quiet`.
 pub async fn assert_quiet(consumer: &mut Consumer, quiet: Duration) {
     if let Ok(Some(d)) = tokio::time::timeout(quiet, consumer.next()).await {
@@ -405,7 +541,17 @@ pub fn message_id(event_type: &str, session_id: &str, transaction_number: u64) -
 
 /// Test vectors shipped with the repo (a copy of the shared contract's).
 pub fn vectors() -> Vec<serde_json::Value> {
-    include_str!("../vectors/cases.jsonl")
+    parse_vectors(include_str!("../vectors/cases.jsonl"))
+}
+
+/// The archive webhook's vectors (SPEC 9), a copy of the shared contract's.
+pub fn archive_vectors() -> Vec<serde_json::Value> {
+    parse_vectors(include_str!("../vectors/archive_cases.jsonl"))
+}
+
+/// One vector per non-empty line.
+fn parse_vectors(jsonl: &str) -> Vec<serde_json::Value> {
+    jsonl
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).expect("vector line"))
