@@ -137,6 +137,9 @@ struct Lanes {
     held: usize,
     /// Highest seq read from the spool.
     cursor: Option<u64>,
+    /// Acked events not yet removed from the spool. Kept across passes: the cursor is
+    /// past them, so one dropped here would stay in the spool until a restart.
+    delivered: Vec<u64>,
 }
 
 impl Lanes {
@@ -149,6 +152,7 @@ impl Lanes {
             sent: SendOrder::default(),
             held: 0,
             cursor: None,
+            delivered: Vec::new(),
         }
     }
 
@@ -295,7 +299,6 @@ impl Pass<'_> {
     async fn run(&mut self, stop: &CancellationToken) -> PassError {
         let mut confirms: FuturesUnordered<Tracked<u64>> = FuturesUnordered::new();
         let mut batch = Vec::new();
-        let mut delivered = Vec::new();
         // The spool has nothing past the cursor as of `known_last`.
         let mut exhausted = false;
         let mut known_last = 0u64;
@@ -324,7 +327,7 @@ impl Pass<'_> {
                             error!(seq, error = %e, "dropping an undecodable spool record");
                             self.lanes.cursor = Some(seq);
                             self.lanes.held += 1;
-                            delivered.push(seq);
+                            self.lanes.delivered.push(seq);
                         }
                     }
                 }
@@ -353,10 +356,17 @@ impl Pass<'_> {
                 self.lanes.sent.push(now, *seq);
                 self.lanes.in_flight.insert(*seq, (key, now));
             }
-            if !delivered.is_empty() {
-                let seqs = std::mem::take(&mut delivered);
+            if !self.lanes.delivered.is_empty() {
+                if crate::fault::once("forwarder.channel_lost_before_remove") {
+                    // As a connection lost between an ack and its removal.
+                    warn!("fault injected: forwarder.channel_lost_before_remove");
+                    return PassError::Timeout(Duration::ZERO);
+                }
+                let seqs = std::mem::take(&mut self.lanes.delivered);
                 let removed = seqs.len();
                 if let Err(e) = self.spool.remove(seqs).await {
+                    // A failed write reopens the spool, and the next pass reads it
+                    // again from the oldest event: these come back as duplicates.
                     return e.into();
                 }
                 self.lanes.held = self.lanes.held.saturating_sub(removed);
@@ -373,7 +383,7 @@ impl Pass<'_> {
             tokio::select! {
                 () = stop.cancelled() => return PassError::Stopped,
                 () = settled(&mut confirms, &mut batch), if !confirms.is_empty() => {
-                    nacked |= self.judge(&mut batch, &mut delivered);
+                    nacked |= self.judge(&mut batch);
                 }
                 Some(expired) = self.lanes.waiting.next(), if !self.lanes.waiting.is_empty() => {
                     let key = expired.into_inner();
@@ -397,11 +407,7 @@ impl Pass<'_> {
 
     /// Settles a batch of resolved confirms: returns first, then each verdict.
     /// True if the broker nacked (the channel must be replaced).
-    fn judge(
-        &mut self,
-        batch: &mut Vec<(u64, Result<lapin::Confirmation, lapin::Error>)>,
-        delivered: &mut Vec<u64>,
-    ) -> bool {
+    fn judge(&mut self, batch: &mut Vec<(u64, Result<lapin::Confirmation, lapin::Error>)>) -> bool {
         for (_, confirmation) in batch.iter() {
             let Some(returned) = returned_key(confirmation) else {
                 continue;
@@ -432,7 +438,7 @@ impl Pass<'_> {
                     }
                     lane.events.pop_front();
                     lane.refusals = 0;
-                    delivered.push(seq);
+                    self.lanes.delivered.push(seq);
                     if lane.events.is_empty() {
                         self.lanes.lanes.remove(&key);
                     } else {

@@ -482,3 +482,62 @@ async fn a_signal_answers_every_request_sent_before_it_and_leaves_the_spool_empt
     })
     .await;
 }
+
+/// SPEC 4: an event is removed from the spool once the broker acked it, also when
+/// the channel fails between that ack and the removal. Fault point
+/// `forwarder.channel_lost_before_remove` ends the forwarder's pass on the channel
+/// once, just before acked events are removed, as a connection lost at that
+/// moment would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acked_event_leaves_the_spool_even_when_the_channel_fails_right_after() {
+    bounded(async {
+        let exchange = unique("acked");
+        let broker = Broker::connect(&amqp_url()).await;
+        broker.declare_exchange(&exchange).await;
+        let mut consumer = broker.subscribe(&exchange, "#").await;
+        let spool = tempfile::tempdir().expect("temp dir");
+        let env = [(
+            cellosign_bridge::FAULTS_ENV,
+            "forwarder.channel_lost_before_remove",
+        )];
+        let bridge = BridgeProcess::start(spool.path(), &amqp_url(), &exchange, TOKEN, &env);
+        wait_connected(&bridge).await;
+        // Several events of one reference and one of another: while the first is
+        // acked, the next of its lane (or the other lane) is ready to publish.
+        let mut ids = post_events(&bridge, "acked", "r-acked", 6).await;
+        ids.extend(post_events(&bridge, "acked-b", "r-other", 1).await);
+        let got = take(&mut consumer, ids.len(), Duration::from_secs(20)).await;
+        let delivered: BTreeSet<String> = got
+            .iter()
+            .filter_map(|d| d.properties.message_id().as_ref().map(|m| m.to_string()))
+            .collect();
+        assert!(
+            ids.iter().all(|id| delivered.contains(id)),
+            "not every event was delivered"
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some((_, body)) = readyz(&bridge).await {
+                if body.contains("\"events\":0,") {
+                    last.clear();
+                    break;
+                }
+                last = body;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let log = bridge.log();
+        assert!(
+            log.contains("fault injected: forwarder.channel_lost_before_remove"),
+            "the fault never fired; log:\n{log}"
+        );
+        assert!(
+            last.is_empty(),
+            "delivered events stay in the spool 15 s later: {last}"
+        );
+        drop(bridge);
+        broker.cleanup(&exchange).await;
+    })
+    .await;
+}
