@@ -5,11 +5,12 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cellosign_bridge::AckMode;
 use common::*;
+use lapin::Consumer;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use sha2::{Digest, Sha256};
@@ -89,10 +90,21 @@ fn files_in(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Over the limit: "0" after the body is stored; the message is the claim check. The
-/// same body again: "0", one object, not published twice. Under the limit: inline, as
-/// before, and after the claim check of the same reference.
-async fn claim_checks_a_body_over_the_largest_message(mode: AckMode) {
+/// An app with a claim-check store, and a consumer of all it publishes.
+struct WithStore {
+    app: TestApp,
+    consumer: Consumer,
+    /// The store's directory, `archive.store_url`.
+    dir: PathBuf,
+    /// Keeps the consumer's connection open.
+    _broker: Broker,
+    /// Holds `dir`; removed when the test ends.
+    _store: tempfile::TempDir,
+}
+
+/// The app with `archive.store_url` a new directory and the largest message
+/// [`MAX_MESSAGE`], and a consumer of all it publishes.
+async fn start_with_store(mode: AckMode) -> WithStore {
     let store = tempfile::tempdir().unwrap();
     let dir = store.path().join("claims");
     let url = url::Url::from_directory_path(&dir).unwrap().to_string();
@@ -104,7 +116,27 @@ async fn claim_checks_a_body_over_the_largest_message(mode: AckMode) {
     let exchange = app.settings.amqp.exchange.clone();
     let broker = Broker::connect(&amqp_url()).await;
     broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "#").await;
+    let consumer = broker.subscribe(&exchange, "#").await;
+    WithStore {
+        app,
+        consumer,
+        dir,
+        _broker: broker,
+        _store: store,
+    }
+}
+
+/// Over the limit: "0" after the body is stored; the message is the claim check. The
+/// same body again: "0", one object, not published twice. Under the limit: inline, as
+/// before, and after the claim check of the same reference.
+async fn claim_checks_a_body_over_the_largest_message(mode: AckMode) {
+    let WithStore {
+        app,
+        mut consumer,
+        dir,
+        _broker,
+        _store,
+    } = start_with_store(mode).await;
 
     let big = archive_body("claim-1", "ref-claim", 3 * MAX_MESSAGE);
     assert!(big.len() > MAX_MESSAGE);
@@ -157,18 +189,13 @@ async fn without_a_store_url_a_body_over_the_largest_message_gets_413() {
 /// Retry-After and publishes nothing; once it can write again, the sender's retry
 /// is stored and published once.
 async fn a_failing_store_answers_503_and_publishes_nothing(mode: AckMode) {
-    let store = tempfile::tempdir().unwrap();
-    let dir = store.path().join("claims");
-    let url = url::Url::from_directory_path(&dir).unwrap().to_string();
-    let app = spawn_app(mode, |s| {
-        s.amqp.max_message_bytes = MAX_MESSAGE;
-        s.archive.store_url = Some(url);
-    })
-    .await;
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "#").await;
+    let WithStore {
+        app,
+        mut consumer,
+        dir,
+        _broker,
+        _store,
+    } = start_with_store(mode).await;
 
     std::fs::remove_dir(&dir).expect("the store's directory, created at start");
     std::fs::write(&dir, b"not a directory").unwrap();
