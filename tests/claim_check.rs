@@ -228,3 +228,23 @@ async fn a_failing_store_answers_503_and_publishes_nothing_spooled() {
 async fn a_failing_store_answers_503_and_publishes_nothing_confirmed() {
     a_failing_store_answers_503_and_publishes_nothing(AckMode::Confirmed).await;
 }
+
+/// A store directory that cannot be created (under a regular file) refuses the
+/// start, naming the key, before any task starts.
+#[tokio::test]
+async fn a_store_directory_that_cannot_be_created_refuses_the_start_naming_the_key() {
+    let spool = tempfile::tempdir().unwrap();
+    let file = spool.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let mut settings = test_settings(AckMode::Spooled, spool.path());
+    let under_a_file = url::Url::from_directory_path(file.join("claims")).unwrap();
+    settings.archive.store_url = Some(under_a_file.to_string());
+    let error = match cellosign_bridge::Application::build(settings).await {
+        Ok(_) => panic!("built with a store directory under a file"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.starts_with("archive.store_url: cannot create"),
+        "{error}"
+    );
+}
