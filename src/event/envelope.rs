@@ -34,7 +34,7 @@ pub struct DecodeError(&'static str);
 
 impl Envelope {
     /// Builds the envelope of a validated event (`confirmed` mode publishes it as is; the
-    /// spooled path needs only its bytes: `encode_event`).
+    /// spooled path needs only its bytes: `encode_head`, then the body).
     pub fn new(event: &Event<'_>, body: Bytes, received_at_ms: u64) -> Self {
         Envelope {
             routing_key: event.routing_key.clone(),
@@ -91,10 +91,12 @@ impl Envelope {
     }
 }
 
-/// The spool record of a validated event: the bytes `Envelope::new(event, ..).encode()`
-/// gives, written straight from the event's fields and the body, so accepting an event
-/// does not copy five strings into an envelope only to copy them again into the record.
-pub(crate) fn encode_event(event: &Event<'_>, body: &[u8], received_at_ms: u64) -> Bytes {
+/// The head of the spool record of a validated event: the bytes `Envelope::new(event, ..)
+/// .encode()` gives before the body, written straight from the event's fields, so accepting
+/// an event does not copy five strings into an envelope only to copy them again. The body
+/// follows it in the record (`Spool::append_parts`) and is not copied here: an archive of
+/// many megabytes is not held twice while it is stored.
+pub(crate) fn encode_head(event: &Event<'_>, received_at_ms: u64) -> Bytes {
     let fields = [
         event.routing_key.as_str(),
         event.message_id.as_str(),
@@ -102,7 +104,7 @@ pub(crate) fn encode_event(event: &Event<'_>, body: &[u8], received_at_ms: u64) 
         &event.session_id,
         &event.reference,
     ];
-    encode_record(received_at_ms, fields, body)
+    encode_record(received_at_ms, fields, &[])
 }
 
 /// The one writer of the record format, in one allocation: version, time, the five
@@ -159,7 +161,8 @@ mod tests {
                 "session":{"id":"s\u00e91","reference":"ref-\u00e9","transaction_number":1}}"#,
         );
         let event = validate(&body, &Policy::default()).expect("a valid event");
-        let record = encode_event(&event, &body, 1_737_881_373_626);
+        let head = encode_head(&event, 1_737_881_373_626);
+        let record = Bytes::from([&head[..], &body[..]].concat());
         let envelope = Envelope::new(&event, body.clone(), 1_737_881_373_626);
         assert_eq!(record, envelope.encode());
         assert_eq!(Envelope::decode(record).expect("decodes"), envelope);

@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use crate::amqp::confirmed::DirectPublisher;
 use crate::amqp::message::PublishError;
 use crate::event::Event;
-use crate::event::envelope::{Envelope, encode_event};
+use crate::event::envelope::{Envelope, encode_head};
 use crate::ingress::dedup::{Claim, Pending};
 use crate::spool::{Spool, SpoolError};
 
@@ -59,11 +59,13 @@ impl Delivery {
                 let limit = spool.append_timeout();
                 let (tx, rx) = oneshot::channel();
                 let spool = spool.clone();
-                let record = encode_event(event, body, received_at_ms);
+                let head = encode_head(event, received_at_ms);
+                // Shares the body's memory: it is copied once, into the spool's page.
+                let body = body.clone();
                 // The append runs to its end even when the caller is answered (or gone) first,
                 // so the claim always ends up settled or released by the real outcome.
                 tokio::spawn(async move {
-                    let result = spool.append(record).await;
+                    let result = spool.append_parts(head, body).await;
                     if result.is_ok() {
                         claim.settle();
                     } else {

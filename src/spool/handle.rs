@@ -178,15 +178,22 @@ impl Spool {
     /// once with [`SpoolError::Full`] over the limit. Dropping the future does not cancel the
     /// write: the record may still be stored and will be forwarded.
     pub async fn append(&self, record: impl Into<Bytes>) -> Result<u64, SpoolError> {
-        let data = record.into();
+        self.append_parts(record.into(), Bytes::new()).await
+    }
+
+    /// [`Spool::append`] of the record `head` followed by `body`, without joining them in
+    /// memory: an event's body is copied once, into the database, however large it is.
+    pub(crate) async fn append_parts(&self, head: Bytes, body: Bytes) -> Result<u64, SpoolError> {
         let shared = &self.inner.shared;
-        if data.len() > MAX_RECORD_LEN {
+        let total = head.len().saturating_add(body.len());
+        if total > MAX_RECORD_LEN {
             return Err(SpoolError::TooLarge {
-                len: data.len(),
+                len: total,
                 max: MAX_RECORD_LEN,
             });
         }
-        let len = data.len() as u64;
+        let data = [head, body];
+        let len = total as u64;
         let mut used = shared.reserved.load(Ordering::Acquire);
         loop {
             let new = used.saturating_add(len);

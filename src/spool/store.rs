@@ -192,17 +192,23 @@ pub(super) fn records(txn: &WriteTransaction) -> Result<RecordTable<'_>, SpoolEr
     Ok(txn.open_table(RECORDS)?)
 }
 
-/// Stores `data`, appended at `ts_ms`, as record `seq`, written in place with no extra copy.
+/// Stores the record made of `parts` end to end, appended at `ts_ms`, as record `seq`,
+/// written in place: each part is copied once, straight into the database's page.
 pub(super) fn insert(
     table: &mut RecordTable<'_>,
     seq: u64,
     ts_ms: u64,
-    data: &[u8],
+    parts: &[Bytes],
 ) -> Result<(), SpoolError> {
-    let mut slot = table.insert_reserve(seq, TS_LEN + data.len())?;
+    let len = parts.iter().map(Bytes::len).sum::<usize>();
+    let mut slot = table.insert_reserve(seq, TS_LEN + len)?;
     let buf = slot.as_mut();
     buf[..TS_LEN].copy_from_slice(&ts_ms.to_le_bytes());
-    buf[TS_LEN..].copy_from_slice(data);
+    let mut at = TS_LEN;
+    for part in parts {
+        buf[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
     Ok(())
 }
 

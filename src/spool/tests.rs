@@ -232,6 +232,26 @@ async fn max_bytes_gives_full_and_writes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_appended_in_parts_is_stored_as_one_and_counted_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1000).unwrap();
+    let (head, body) = (payload("head", 10), payload("body", 600));
+    let seq = spool
+        .append_parts(head.clone(), body.clone())
+        .await
+        .unwrap();
+    assert_eq!(read_all(&spool), [(seq, [head, body].concat().into())]);
+    assert_eq!(spool.stats().bytes, 610);
+    // Full counts both parts.
+    assert!(matches!(
+        spool
+            .append_parts(payload("h", 10), payload("b", 390))
+            .await,
+        Err(SpoolError::Full { len: 400, .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_new_wakes_forwarder() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
@@ -309,7 +329,7 @@ async fn dropping_the_last_handle_signals_and_does_not_wait() {
     let (reply, stored) = oneshot::channel();
     spool
         .send(Op::Append {
-            data: payload("queued", 10),
+            data: [payload("queued", 10), Bytes::new()],
             ts_ms: 1,
             reply,
         })

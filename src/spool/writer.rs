@@ -41,11 +41,15 @@ const PROBE_FILE: &str = "spool.probe";
 /// Where the writer sends an operation's result; a dropped receiver is ignored.
 pub(super) type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
+/// A record to store, in the parts it came in (an event's header, then its body): they
+/// are copied into the database one after the other, never joined in memory first.
+pub(super) type Parts = [Bytes; 2];
+
 /// What the handles ask of the writer thread.
 pub(super) enum Op {
     /// Store `data`, appended at `ts_ms`; answered with its sequence number once durable.
     Append {
-        data: Bytes,
+        data: Parts,
         ts_ms: u64,
         reply: Reply<u64>,
     },
@@ -97,7 +101,7 @@ impl Drop for Ended {
 #[derive(Default)]
 struct Batch {
     /// Records with their append time, numbered in this order when committed.
-    appends: Vec<(Bytes, u64, Reply<u64>)>,
+    appends: Vec<(Parts, u64, Reply<u64>)>,
     /// Sequence numbers to delete, one entry per [`Op::Remove`].
     removes: Vec<(Vec<u64>, Reply<usize>)>,
     /// The close waiting for earlier removals to be durable.
@@ -112,7 +116,11 @@ impl Batch {
 
     /// Summed length of the appended records: their reservation.
     fn append_bytes(&self) -> u64 {
-        self.appends.iter().map(|(d, _, _)| d.len() as u64).sum()
+        self.appends
+            .iter()
+            .flat_map(|(parts, _, _)| parts)
+            .map(|part| part.len() as u64)
+            .sum()
     }
 
     /// Answers every caller with `e`, giving back the appends' reservations: nothing of the
