@@ -113,10 +113,7 @@ async fn start_with_store(mode: AckMode) -> WithStore {
         s.archive.store_url = Some(url);
     })
     .await;
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let consumer = broker.subscribe(&exchange, "#").await;
+    let (broker, consumer) = app.subscribe("#").await;
     WithStore {
         app,
         consumer,
