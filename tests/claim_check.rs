@@ -123,52 +123,51 @@ async fn start_with_store(mode: AckMode) -> WithStore {
     }
 }
 
+/// Runs `test` in `spooled` mode, then in `confirmed` mode.
+async fn in_both_ack_modes(test: impl AsyncFn(AckMode)) {
+    for mode in [AckMode::Spooled, AckMode::Confirmed] {
+        test(mode).await;
+    }
+}
+
 /// Over the limit: "0" after the body is stored; the message is the claim check. The
 /// same body again: "0", one object, not published twice. Under the limit: inline, as
 /// before, and after the claim check of the same reference.
 async fn claim_checks_a_body_over_the_largest_message(mode: AckMode) {
-    let WithStore {
-        app,
-        mut consumer,
-        dir,
-        _broker,
-        _store,
-    } = start_with_store(mode).await;
+    let mut t = start_with_store(mode).await;
 
     let big = archive_body("claim-1", "ref-claim", 3 * MAX_MESSAGE);
     assert!(big.len() > MAX_MESSAGE);
-    let a = app.post_to(&app.archive_url(), big.clone(), JSON).await;
+    let a = t.app.post_to(&t.app.archive_url(), big.clone(), JSON).await;
     assert_eq!(a.code, 200, "{a:?}");
     // Durable before "0": the object is there as soon as the answer is.
-    assert_eq!(files_in(&dir), vec![sha256_hex(big.as_bytes())]);
-    let a = app.post_to(&app.archive_url(), big.clone(), JSON).await;
+    assert_eq!(files_in(&t.dir), vec![sha256_hex(big.as_bytes())]);
+    let a = t.app.post_to(&t.app.archive_url(), big.clone(), JSON).await;
     assert_eq!(a.code, 200, "a retry: {a:?}");
     let small = archive_body("claim-2", "ref-claim", 1000);
-    let a = app.post_to(&app.archive_url(), small.clone(), JSON).await;
+    let a = t
+        .app
+        .post_to(&t.app.archive_url(), small.clone(), JSON)
+        .await;
     assert_eq!(a.code, 200, "{a:?}");
 
-    let got = take(&mut consumer, 2, WAIT).await;
+    let got = take(&mut t.consumer, 2, WAIT).await;
     assert_eq!(got[0].routing_key.as_str(), "ref-claim");
-    assert_claim_check(&got[0], &big, &dir);
+    assert_claim_check(&got[0], &big, &t.dir);
     assert!(got[1].data == small.as_bytes(), "under the limit: inline");
     assert_eq!(claim_header(&got[1]), None);
-    assert_quiet(&mut consumer, Duration::from_millis(500)).await;
+    assert_quiet(&mut t.consumer, Duration::from_millis(500)).await;
     assert_eq!(
-        files_in(&dir).len(),
+        files_in(&t.dir).len(),
         1,
         "one object for the body sent twice"
     );
-    app.stop().await;
+    t.app.stop().await;
 }
 
 #[tokio::test]
-async fn a_body_over_the_largest_message_is_claim_checked_spooled() {
-    claim_checks_a_body_over_the_largest_message(AckMode::Spooled).await;
-}
-
-#[tokio::test]
-async fn a_body_over_the_largest_message_is_claim_checked_confirmed() {
-    claim_checks_a_body_over_the_largest_message(AckMode::Confirmed).await;
+async fn a_body_over_the_largest_message_is_claim_checked_in_both_ack_modes() {
+    in_both_ack_modes(claim_checks_a_body_over_the_largest_message).await;
 }
 
 #[tokio::test]
@@ -186,44 +185,33 @@ async fn without_a_store_url_a_body_over_the_largest_message_gets_413() {
 /// Retry-After and publishes nothing; once it can write again, the sender's retry
 /// is stored and published once.
 async fn a_failing_store_answers_503_and_publishes_nothing(mode: AckMode) {
-    let WithStore {
-        app,
-        mut consumer,
-        dir,
-        _broker,
-        _store,
-    } = start_with_store(mode).await;
+    let mut t = start_with_store(mode).await;
 
-    std::fs::remove_dir(&dir).expect("the store's directory, created at start");
-    std::fs::write(&dir, b"not a directory").unwrap();
+    std::fs::remove_dir(&t.dir).expect("the store's directory, created at start");
+    std::fs::write(&t.dir, b"not a directory").unwrap();
     let big = archive_body("broken", "ref-broken", 2 * MAX_MESSAGE);
-    let a = app.post_to(&app.archive_url(), big.clone(), JSON).await;
+    let a = t.app.post_to(&t.app.archive_url(), big.clone(), JSON).await;
     assert_eq!(a.code, 503, "{a:?}");
     assert_eq!(
         a.headers.get("retry-after").map(|v| v.as_bytes()),
         Some(&b"5"[..])
     );
     assert!(a.errordesc.contains("claim-check store"), "{a:?}");
-    assert_quiet(&mut consumer, Duration::from_millis(500)).await;
+    assert_quiet(&mut t.consumer, Duration::from_millis(500)).await;
 
-    std::fs::remove_file(&dir).unwrap();
-    std::fs::create_dir(&dir).unwrap();
-    let a = app.post_to(&app.archive_url(), big.clone(), JSON).await;
+    std::fs::remove_file(&t.dir).unwrap();
+    std::fs::create_dir(&t.dir).unwrap();
+    let a = t.app.post_to(&t.app.archive_url(), big.clone(), JSON).await;
     assert_eq!(a.code, 200, "the retry, once the store can write: {a:?}");
-    let got = take(&mut consumer, 1, WAIT).await;
-    assert_claim_check(&got[0], &big, &dir);
-    assert_quiet(&mut consumer, Duration::from_millis(300)).await;
-    app.stop().await;
+    let got = take(&mut t.consumer, 1, WAIT).await;
+    assert_claim_check(&got[0], &big, &t.dir);
+    assert_quiet(&mut t.consumer, Duration::from_millis(300)).await;
+    t.app.stop().await;
 }
 
 #[tokio::test]
-async fn a_failing_store_answers_503_and_publishes_nothing_spooled() {
-    a_failing_store_answers_503_and_publishes_nothing(AckMode::Spooled).await;
-}
-
-#[tokio::test]
-async fn a_failing_store_answers_503_and_publishes_nothing_confirmed() {
-    a_failing_store_answers_503_and_publishes_nothing(AckMode::Confirmed).await;
+async fn a_failing_store_answers_503_and_publishes_nothing_in_both_ack_modes() {
+    in_both_ack_modes(a_failing_store_answers_503_and_publishes_nothing).await;
 }
 
 /// A store directory that cannot be created (under a regular file) refuses the
