@@ -14,6 +14,8 @@
 //! `event` and `session` from it, and the store is handed the same `Bytes`.
 
 mod document;
+#[cfg(test)]
+mod tests;
 
 use std::path::Path as FsPath;
 use std::sync::Arc;
@@ -91,6 +93,16 @@ impl ClaimStore {
         settings: &ArchiveSettings,
         max_message_bytes: usize,
     ) -> Result<Option<ClaimStore>, OpenError> {
+        Self::open_with(settings, max_message_bytes, AmazonS3Builder::from_env())
+    }
+
+    /// [`ClaimStore::open`], an S3 store built from `s3` (the environment's
+    /// settings; fixed ones in tests, which must never reach a real AWS endpoint).
+    fn open_with(
+        settings: &ArchiveSettings,
+        max_message_bytes: usize,
+        s3: AmazonS3Builder,
+    ) -> Result<Option<ClaimStore>, OpenError> {
         let Some(location) = settings.location()? else {
             return Ok(None);
         };
@@ -103,7 +115,7 @@ impl ClaimStore {
                 url.as_str().trim_end_matches('/').to_owned()
             }),
             StoreLocation::S3 { bucket, prefix } => {
-                let mut builder = AmazonS3Builder::from_env().with_bucket_name(&bucket);
+                let mut builder = s3.with_bucket_name(&bucket);
                 if let Some(region) = &settings.s3_region {
                     builder = builder.with_region(region);
                 }
