@@ -162,6 +162,11 @@ async fn claim_checks_a_body_over_the_largest_message(mode: AckMode) {
         1,
         "one object for the body sent twice"
     );
+    let (_, metrics) = t.app.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("cellosign_bridge_claim_checks_total 1\n"),
+        "{metrics}"
+    );
     t.app.stop().await;
 }
 

@@ -215,7 +215,8 @@ impl Ingress {
         Ok((route, permit, body))
     }
 
-    /// Dedup and delivery of a validated event: Ok once it is durable (or was already).
+    /// Dedup, claim check (a body over the largest message, with a store) and delivery of
+    /// a validated event: Ok once it is durable (or was already).
     async fn store(
         &self,
         event: &Event<'_>,
@@ -259,7 +260,9 @@ impl Ingress {
         // dropped (released) and nothing is published.
         let (payload, claim_check) = match &self.claim_store {
             Some(store) if body.len() > self.max_message_bytes => {
-                (store.check_in(body).await.map_err(claim_refusal)?, true)
+                let document = store.check_in(body).await.map_err(claim_refusal)?;
+                self.metrics.claim_checks.inc();
+                (document, true)
             }
             _ => (body.clone(), false),
         };
@@ -405,7 +408,8 @@ fn claim_refusal(e: ClaimError) -> Refusal {
         ClaimError::Internal(_) => (StatusCode::SERVICE_UNAVAILABLE, "claim_check_failed"),
     };
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        warn!(error = %e, source = ?std::error::Error::source(&e), "claim check failed");
+        // The caller sees the short reason; the log has the store's own error.
+        warn!(error = ?e, "claim check failed");
     }
     Refusal::new(status, e.to_string(), metric)
 }
