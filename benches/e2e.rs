@@ -230,6 +230,7 @@ fn envelope_of(n: u64, references: u64) -> Envelope {
         reference: format!("ref-{}", n % references),
         received_at_ms: 1_737_881_373_626,
         body: Bytes::from(body(n)),
+        claim_check: false,
     }
 }
 

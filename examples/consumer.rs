@@ -13,6 +13,13 @@
 //!   way to scale out in order. A partition has a single active consumer: a
 //!   second worker on it is a hot standby.
 //! - `PREFETCH`: deliveries the broker may send ahead of our acks, default 32
+//!
+//! A body too large for one message (an archive over the bridge's
+//! `amqp.max_message_bytes`) arrives claim-checked: header `x-claim-check: true`
+//! and a small document `{"claim_check": {"url", "sha256", "bytes"}, "event",
+//! "session"}`. `fetch_claimed` reads the body back from the `url` (`file://`
+//! on a shared volume, or `s3://` with AWS credentials from the environment the
+//! usual way) and checks its SHA-256 before `handle` sees it.
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, Write};
@@ -26,7 +33,9 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use object_store::ObjectStoreExt;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 /// Message ids remembered for dedup; redeliveries come soon after the original.
@@ -45,16 +54,21 @@ enum HandleError {
 /// Your business logic: replace the body. Redeliveries that dedup misses
 /// (after a restart) come here again, so make the effect idempotent.
 fn handle(event: &Value, props: &BasicProperties) -> Result<(), HandleError> {
+    // An archive (WHP_ARCHIVE) may carry an array of sessions, all of one reference.
+    let first = match &event["session"] {
+        Value::Array(sessions) => sessions.first().unwrap_or(&Value::Null),
+        session => session,
+    };
     let (Some(kind), Some(session), Some(reference)) = (
         event["event"]["type"].as_str(),
-        event["session"]["id"].as_str(),
-        event["session"]["reference"].as_str(),
+        first["id"].as_str(),
+        first["reference"].as_str(),
     ) else {
         return Err(HandleError::Permanent(
             "missing event or session fields".into(),
         ));
     };
-    let transaction = &event["session"]["transaction_number"];
+    let transaction = &first["transaction_number"];
     let received_at = header(props, "x-received-at").unwrap_or("-");
     // Stands in for your effect (a database write, an API call), whose I/O
     // errors are transient: worth retrying.
@@ -63,6 +77,87 @@ fn handle(event: &Value, props: &BasicProperties) -> Result<(), HandleError> {
         "{kind} session={session} reference={reference} transaction_number={transaction} received_at={received_at}"
     )
     .map_err(|e| HandleError::Transient(format!("stdout: {e}")))
+}
+
+/// The event a delivery carries: its body, or, for a claim check (header
+/// `x-claim-check: true`), the stored body fetched from the document's `url`,
+/// checked against its `sha256` and `bytes`. Consumers that need only `event` and
+/// `session` (routing, filtering) can use the document as is and skip the fetch.
+async fn event_of(data: &[u8], props: &BasicProperties) -> Result<Value, HandleError> {
+    let doc: Value = serde_json::from_slice(data)
+        .map_err(|e| HandleError::Permanent(format!("body is not JSON: {e}")))?;
+    let claimed = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-claim-check").cloned());
+    if claimed != Some(AMQPValue::Boolean(true)) {
+        return Ok(doc);
+    }
+    let check = &doc["claim_check"];
+    let (Some(url), Some(sha256), Some(bytes)) = (
+        check["url"].as_str(),
+        check["sha256"].as_str(),
+        check["bytes"].as_u64(),
+    ) else {
+        return Err(HandleError::Permanent(
+            "claim_check without url, sha256, bytes".into(),
+        ));
+    };
+    let body = fetch_claimed(url).await?;
+    let digest: String = Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if digest != sha256 || body.len() as u64 != bytes {
+        // Not what the bridge stored (overwritten, truncated copy): never handle it.
+        return Err(HandleError::Permanent(format!(
+            "{url}: sha256 or size mismatch"
+        )));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| HandleError::Permanent(format!("{url}: stored body is not JSON: {e}")))
+}
+
+/// Reads a claim-checked body from the store the bridge wrote it to. A store that
+/// cannot be read now (S3 down, volume not mounted) is a transient failure.
+async fn fetch_claimed(url: &str) -> Result<bytes::Bytes, HandleError> {
+    let parsed = url::Url::parse(url)
+        .map_err(|e| HandleError::Permanent(format!("claim_check.url {url:?}: {e}")))?;
+    match parsed.scheme() {
+        // The bridge's archive.store_url = "file:///dir": the same directory, shared
+        // with (or copied to) this host.
+        "file" => {
+            let path = parsed
+                .to_file_path()
+                .map_err(|()| HandleError::Permanent(format!("{url}: not a local path")))?;
+            tokio::fs::read(&path)
+                .await
+                .map(bytes::Bytes::from)
+                .map_err(|e| HandleError::Transient(format!("{url}: {e}")))
+        }
+        // archive.store_url = "s3://bucket/prefix": needs s3:GetObject on the bucket,
+        // credentials and region from AWS_* variables or the instance role. A real
+        // consumer builds the client once, not per message.
+        "s3" => {
+            let transient = |e: object_store::Error| HandleError::Transient(format!("{url}: {e}"));
+            let store = object_store::aws::AmazonS3Builder::from_env()
+                .with_url(url)
+                .build()
+                .map_err(transient)?;
+            let key = object_store::path::Path::parse(parsed.path().trim_start_matches('/'))
+                .map_err(|e| HandleError::Permanent(format!("{url}: {e}")))?;
+            store
+                .get(&key)
+                .await
+                .map_err(transient)?
+                .bytes()
+                .await
+                .map_err(transient)
+        }
+        other => Err(HandleError::Permanent(format!(
+            "{url}: unsupported scheme {other}"
+        ))),
+    }
 }
 
 /// A string header the bridge sets (`x-event-type`, `x-received-at`, ...).
@@ -106,23 +201,22 @@ async fn process(delivery: &Delivery, seen: &mut RecentIds) -> lapin::Result<()>
         delivery.ack(BasicAckOptions::default()).await?;
         return Ok(());
     }
-    let result = match serde_json::from_slice::<Value>(&delivery.data) {
-        Err(e) => Err(HandleError::Permanent(format!("body is not JSON: {e}"))),
-        Ok(event) => {
-            // Retry in place: the deliveries behind this one wait, so the
-            // order per reference holds through the failure.
-            let mut attempt = 1;
-            loop {
-                match handle(&event, props) {
-                    Err(HandleError::Transient(e)) if attempt < ATTEMPTS => {
-                        let backoff = Duration::from_millis(100 << attempt);
-                        warn!(id, attempt, ?backoff, "transient failure, retrying: {e}");
-                        tokio::time::sleep(backoff).await;
-                        attempt += 1;
-                    }
-                    result => break result,
-                }
+    // Retry in place: the deliveries behind this one wait, so the order per
+    // reference holds through the failure (a claim-checked body's fetch included).
+    let mut attempt = 1;
+    let result = loop {
+        let outcome = match event_of(&delivery.data, props).await {
+            Ok(event) => handle(&event, props),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Err(HandleError::Transient(e)) if attempt < ATTEMPTS => {
+                let backoff = Duration::from_millis(100 << attempt);
+                warn!(id, attempt, ?backoff, "transient failure, retrying: {e}");
+                tokio::time::sleep(backoff).await;
+                attempt += 1;
             }
+            outcome => break outcome,
         }
     };
     match result {

@@ -9,7 +9,8 @@
 //! http/     ->  ingress/      ->  event/        ->  spool/     ->  forwarder  ->  amqp/
 //! serve,        webhook checks,    validate,         group-commit   per-key        link, topology,
 //! TLS, auth,    dedup, delivery    envelope          log (redb)     lanes          message, confirmed
-//! limits
+//! limits            |
+//!                   +-> claim/: a body too large to publish goes to an object store first
 //! ```
 //!
 //! * `http`: accepting connections for both listeners (`server`), their limits
@@ -23,6 +24,9 @@
 //!   copies of one message id stored once (`dedup`); what "durable" means before
 //!   the caller gets "0" (`delivery`: the spool, or a broker confirm in
 //!   `confirmed` mode).
+//! * `claim`: the claim check (SPEC 9): a body over `amqp.max_message_bytes`
+//!   is stored durably in `archive.store_url` (a directory or S3) under its
+//!   SHA-256, and a small JSON document pointing at it is delivered instead.
 //! * `event`: validation of the webhook body (a notification, or an archive:
 //!   `archive`), pure, no I/O, yielding the routing key and message id;
 //!   `envelope` is the accepted event as stored and published.
@@ -45,6 +49,7 @@
 //! nothing calls.
 
 mod amqp;
+mod claim;
 mod cli;
 mod config;
 mod event;

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::amqp::confirmed::DirectPublisher;
 use crate::amqp::link::Link;
+use crate::claim::{ClaimStore, OpenError};
 use crate::config::{AckMode, Settings};
 use crate::event::Policy;
 use crate::forwarder::Forwarder;
@@ -42,6 +43,9 @@ pub enum StartError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The claim-check store (`archive.store_url`) could not be opened.
+    #[error(transparent)]
+    ClaimStore(#[from] OpenError),
 }
 
 /// A built, bound application, not yet serving.
@@ -86,6 +90,7 @@ impl Application {
             )?),
             AckMode::Confirmed => None,
         };
+        let claim_store = ClaimStore::open(&settings.archive, settings.amqp.max_message_bytes)?;
 
         let metrics = Arc::new(Metrics::new());
         let supervisor = Supervisor::new();
@@ -163,6 +168,7 @@ impl Application {
                 max_in_flight: http_settings.archive_max_in_flight,
             },
             max_message_bytes: settings.amqp.max_message_bytes,
+            claim_store,
             body_read_timeout: http_settings.body_read_timeout(),
         };
         let mut ingress = Ingress::new(

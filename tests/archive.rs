@@ -38,15 +38,6 @@ fn archive_id(id: &str) -> String {
     format!("{id}:WHP_ARCHIVE:{TIMESTAMP}")
 }
 
-/// The `message_id` property of a delivery.
-fn id_of(d: &lapin::message::Delivery) -> String {
-    d.properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.to_string())
-        .unwrap_or_default()
-}
-
 /// Sends a request head and the first `sent` bytes of `body` on a new connection,
 /// and leaves the rest unsent: the request is in flight until [`finish`].
 async fn start_request(http: SocketAddr, path: &str, body: &[u8], sent: usize) -> TcpStream {
@@ -128,10 +119,7 @@ async fn archive_vectors_confirmed() {
 #[tokio::test]
 async fn a_2mb_archive_is_accepted_on_its_path_and_refused_413_on_the_notification_path() {
     let app = spawn_app(AckMode::Spooled, |_| {}).await;
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "#").await;
+    let (_broker, mut consumer) = app.subscribe("#").await;
     let body = archive_body("big-1", "ref-big", 2 << 20);
     assert!(body.len() > 2 << 20);
 
@@ -190,10 +178,7 @@ async fn a_body_over_amqp_max_message_bytes_gets_413_without_a_claim_check_store
         s.amqp.max_message_bytes = 1 << 20;
     })
     .await;
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "#").await;
+    let (_broker, mut consumer) = app.subscribe("#").await;
     // Under the archive path's own limit (64 MiB), over the largest message.
     let over = archive_body("msg-over", "ref-msg", 3 << 19);
     let a = app.post_to(&app.archive_url(), over.clone(), JSON).await;
@@ -261,10 +246,7 @@ async fn the_archive_in_flight_limit_gives_429_while_the_notification_path_answe
 #[tokio::test]
 async fn order_per_reference_holds_between_notifications_and_archives() {
     let app = spawn_app(AckMode::Spooled, |_| {}).await;
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "ref-order").await;
+    let (_broker, mut consumer) = app.subscribe("ref-order").await;
     let mut expected = Vec::new();
     for n in 0..12u64 {
         // Every third event of the reference is a large archive, slower to store and publish.
@@ -298,10 +280,7 @@ async fn order_per_reference_holds_between_notifications_and_archives() {
 #[tokio::test]
 async fn sessions_with_different_references_get_422_naming_the_field() {
     let app = spawn_app(AckMode::Spooled, |_| {}).await;
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "#").await;
+    let (_broker, mut consumer) = app.subscribe("#").await;
     let mut v: serde_json::Value =
         serde_json::from_str(&archive_body("mixed", "ref-a", 100)).unwrap();
     let third = serde_json::json!({"id": "mixed-3", "reference": "ref-b"});

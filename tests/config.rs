@@ -179,6 +179,59 @@ fn archive_keys_have_their_defaults_and_bad_values_are_refused_naming_the_key() 
 }
 
 #[test]
+fn the_claim_check_store_is_off_by_default_and_bad_values_are_refused_naming_the_key() {
+    let s = load(None, None, None, &[]).unwrap();
+    assert_eq!(s.archive.store_url, None, "without a store: 413 as before");
+    assert_eq!(s.archive.store_timeout_ms, 30_000);
+    for url in ["file:///var/lib/claims", "s3://bucket/cellosign/archives"] {
+        let s = load(None, None, None, &[("BRIDGE_ARCHIVE__STORE_URL", url)]).unwrap();
+        assert_eq!(s.archive.store_url.as_deref(), Some(url));
+    }
+    for (key, value, named) in [
+        (
+            "BRIDGE_ARCHIVE__STORE_URL",
+            "/var/lib/claims",
+            "archive.store_url",
+        ),
+        (
+            "BRIDGE_ARCHIVE__STORE_URL",
+            "ftp://host/x",
+            "archive.store_url",
+        ),
+        ("BRIDGE_ARCHIVE__STORE_URL", "s3://", "archive.store_url"),
+        (
+            "BRIDGE_ARCHIVE__STORE_URL",
+            "file://host/x",
+            "archive.store_url",
+        ),
+        (
+            "BRIDGE_ARCHIVE__STORE_URL",
+            "s3://AKIA:s3cr3t@bucket/p",
+            "archive.store_url",
+        ),
+        (
+            "BRIDGE_ARCHIVE__STORE_TIMEOUT_MS",
+            "0",
+            "archive.store_timeout_ms",
+        ),
+        (
+            "BRIDGE_ARCHIVE__S3_ENDPOINT",
+            "minio:9000",
+            "archive.s3_endpoint",
+        ),
+        ("BRIDGE_ARCHIVE__S3_REGION", "", "archive.s3_region"),
+        ("BRIDGE_ARCHIVE__BUCKET", "b", "bucket"),
+    ] {
+        let err = load(None, None, None, &[(key, value)])
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(named), "{key}={value}: {err}");
+        assert!(!err.contains("s3cr3t"), "{err}");
+    }
+}
+
+#[test]
 fn settings_debug_shows_no_token_and_no_broker_password() {
     // Settings derive Debug, and a startup error or a log line may print them.
     let s = load(
@@ -269,11 +322,17 @@ fn check_config_redacts_secrets() {
             ("BRIDGE_AUTH__TOKENS_FILE", tokens.to_str().unwrap()),
             ("BRIDGE_AUTH__TOKENS", "super-secret-token"),
             ("BRIDGE_AMQP__URLS", "amqp://user:hunter2@broker:5672/%2f"),
+            ("BRIDGE_ARCHIVE__STORE_URL", "s3://claims/cellosign"),
+            ("AWS_SECRET_ACCESS_KEY", "aws-secret-key"),
         ],
     );
-    let text = shown_without(&out, &["super-secret-token", "hunter2"]);
+    let text = shown_without(&out, &["super-secret-token", "hunter2", "aws-secret-key"]);
     assert!(
         text.contains("<redacted>") && text.contains("amqp://user:<redacted>@broker:5672/%2f"),
+        "{text}"
+    );
+    assert!(
+        text.contains("store_url = \"s3://claims/cellosign\""),
         "{text}"
     );
     // What it prints is a config file the bridge accepts.

@@ -29,15 +29,6 @@ async fn bounded(test: impl std::future::Future<Output = ()>) {
     }
 }
 
-/// The `message_id` property of a delivery.
-fn id_of(d: &lapin::message::Delivery) -> String {
-    d.properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.to_string())
-        .unwrap_or_default()
-}
-
 /// The ids of what arrives until nothing has for `quiet` (acking each).
 async fn drain(consumer: &mut Consumer, quiet: Duration) -> Vec<String> {
     let mut ids = Vec::new();

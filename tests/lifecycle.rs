@@ -318,9 +318,9 @@ async fn a_dead_background_task_turns_readiness_503_and_the_process_exits_non_ze
     .await;
 }
 
-/// SPEC 6 "Supervision": a start that fails leaves nothing running. The spool is
-/// the last step of `Application::build` that can fail; were any task started
-/// before it, its broker connection would outlive the error.
+/// SPEC 6 "Supervision": a start that fails leaves nothing running. The spool (then
+/// the claim-check store) is the last step of `Application::build` that can fail;
+/// were any task started before it, its broker connection would outlive the error.
 #[tokio::test]
 async fn a_failed_start_leaves_no_task_running() {
     bounded(async {

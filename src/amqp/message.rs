@@ -66,7 +66,8 @@ pub(crate) fn rfc3339_millis(unix_ms: u64) -> String {
     )
 }
 
-/// The AMQP properties and headers of an envelope (SPEC 3).
+/// The AMQP properties and headers of an envelope (SPEC 3), and `x-claim-check`
+/// for a claim-check document (SPEC 9).
 pub(crate) fn properties(envelope: &Envelope) -> BasicProperties {
     let mut headers = FieldTable::default();
     for (k, v) in [
@@ -79,6 +80,10 @@ pub(crate) fn properties(envelope: &Envelope) -> BasicProperties {
         ),
     ] {
         headers.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    }
+    // SPEC 9: the body is a claim-check document, the event's body is in the store.
+    if envelope.claim_check {
+        headers.insert("x-claim-check".into(), AMQPValue::Boolean(true));
     }
     BasicProperties::default()
         .with_delivery_mode(2)

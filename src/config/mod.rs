@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize};
 use crate::event::{ARCHIVE_EVENT_TYPE, DEFAULT_ACCEPT, RoutingKeyTemplate};
 use crate::http::net::Cidr;
 
+mod archive;
 mod auth;
 mod secret;
 
+pub use archive::{ArchiveSettings, StoreLocation};
 #[cfg(test)]
 pub(crate) use auth::ClientSettings;
 pub use auth::{AuthSettings, ClientKind};
@@ -105,6 +107,8 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     pub spool: SpoolSettings,
     pub amqp: AmqpSettings,
+    /// The claim-check store for bodies over `amqp.max_message_bytes` (SPEC 9).
+    pub archive: ArchiveSettings,
     pub admin: AdminSettings,
     pub shutdown: ShutdownSettings,
     pub log: LogSettings,
@@ -258,8 +262,9 @@ pub struct AmqpSettings {
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
     pub partitions: u16,
-    /// Largest body published as one message; a larger one gets 413 (no claim-check
-    /// store yet), so the broker never sees a message it would refuse.
+    /// Largest body published as one message; a larger one goes to the claim-check
+    /// store (`archive.store_url`) or, without one, gets 413, so the broker never sees
+    /// a message it would refuse.
     pub max_message_bytes: usize,
     pub queues: Vec<QueueSettings>,
 }
@@ -475,6 +480,7 @@ impl Settings {
             ));
         }
         self.check_amqp()?;
+        self.archive.check()?;
         if self.admin.listen == self.http.listen && self.http.listen.port() != 0 {
             return Err(invalid("admin.listen", "must differ from http.listen"));
         }

@@ -9,8 +9,12 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::event::Event;
 
-/// Format version of the encoding, first byte of every record.
-const VERSION: u8 = 1;
+/// First byte of a record whose body is the request body, byte for byte (the
+/// format since the first release).
+const INLINE: u8 = 1;
+/// First byte of a record whose body is a claim-check document (SPEC 9); the
+/// layout is the same, so spools written before claim checks still decode.
+const CLAIM_CHECK: u8 = 2;
 
 /// An event accepted for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,8 +26,11 @@ pub struct Envelope {
     pub reference: String,
     /// When the bridge received it, Unix milliseconds.
     pub received_at_ms: u64,
-    /// The request body, byte for byte.
+    /// The request body, byte for byte; or, when `claim_check`, the claim-check
+    /// document pointing at the stored body.
     pub body: Bytes,
+    /// Whether `body` is a claim-check document: published with `x-claim-check: true`.
+    pub claim_check: bool,
 }
 
 /// A stored record that cannot be decoded (a bug or a foreign file, never a torn write:
@@ -44,6 +51,7 @@ impl Envelope {
             reference: event.reference.to_string(),
             received_at_ms,
             body,
+            claim_check: false,
         }
     }
 
@@ -60,14 +68,24 @@ impl Envelope {
 
     /// Serialises for the spool: version, time, five length-prefixed strings, then the body.
     pub fn encode(&self) -> Bytes {
-        encode_record(self.received_at_ms, self.fields(), &self.body)
+        encode_record(
+            self.claim_check,
+            self.received_at_ms,
+            self.fields(),
+            &self.body,
+        )
     }
 
     /// Reverses [`Envelope::encode`]; the body shares `record`'s memory.
     pub fn decode(mut record: Bytes) -> Result<Self, DecodeError> {
-        if record.remaining() < 9 || record.get_u8() != VERSION {
-            return Err(DecodeError("unknown version"));
+        if record.remaining() < 9 {
+            return Err(DecodeError("truncated"));
         }
+        let claim_check = match record.get_u8() {
+            INLINE => false,
+            CLAIM_CHECK => true,
+            _ => return Err(DecodeError("unknown version")),
+        };
         let received_at_ms = record.get_u64();
         let mut take = || -> Result<String, DecodeError> {
             if record.remaining() < 2 {
@@ -87,6 +105,7 @@ impl Envelope {
             reference: take()?,
             received_at_ms,
             body: record,
+            claim_check,
         })
     }
 }
@@ -95,8 +114,9 @@ impl Envelope {
 /// .encode()` gives before the body, written straight from the event's fields, so accepting
 /// an event does not copy five strings into an envelope only to copy them again. The body
 /// follows it in the record (`Spool::append_parts`) and is not copied here: an archive of
-/// many megabytes is not held twice while it is stored.
-pub(crate) fn encode_head(event: &Event<'_>, received_at_ms: u64) -> Bytes {
+/// many megabytes is not held twice while it is stored. `claim_check`: the body to follow is
+/// a claim-check document.
+pub(crate) fn encode_head(event: &Event<'_>, received_at_ms: u64, claim_check: bool) -> Bytes {
     let fields = [
         event.routing_key.as_str(),
         event.message_id.as_str(),
@@ -104,15 +124,16 @@ pub(crate) fn encode_head(event: &Event<'_>, received_at_ms: u64) -> Bytes {
         &event.session_id,
         &event.reference,
     ];
-    encode_record(received_at_ms, fields, &[])
+    encode_record(claim_check, received_at_ms, fields, &[])
 }
 
-/// The one writer of the record format, in one allocation: version, time, the five
-/// strings of [`Envelope::fields`] (that order), each with a u16 length, then the body.
-fn encode_record(received_at_ms: u64, fields: [&str; 5], body: &[u8]) -> Bytes {
+/// The one writer of the record format, in one allocation: version (what the body is),
+/// time, the five strings of [`Envelope::fields`] (that order), each with a u16 length,
+/// then the body.
+fn encode_record(claim_check: bool, received_at_ms: u64, fields: [&str; 5], body: &[u8]) -> Bytes {
     let len = 1 + 8 + fields.iter().map(|f| 2 + f.len()).sum::<usize>() + body.len();
     let mut out = BytesMut::with_capacity(len);
-    out.put_u8(VERSION);
+    out.put_u8(if claim_check { CLAIM_CHECK } else { INLINE });
     out.put_u64(received_at_ms);
     for f in fields {
         // Every field is bounded by validation to at most 255 bytes.
@@ -137,6 +158,7 @@ mod tests {
             reference: "ref-é".into(),
             received_at_ms: 1_737_881_373_626,
             body: Bytes::from_static(b"{\"a\": 1}\n"),
+            claim_check: false,
         }
     }
 
@@ -144,6 +166,22 @@ mod tests {
     fn round_trips() {
         let e = sample();
         assert_eq!(Envelope::decode(e.encode()).unwrap(), e);
+    }
+
+    #[test]
+    fn a_claim_check_round_trips_and_an_inline_record_keeps_format_1() {
+        let inline = sample().encode();
+        assert_eq!(
+            inline[0], 1,
+            "records written before claim checks still decode"
+        );
+        let claimed = Envelope {
+            claim_check: true,
+            ..sample()
+        };
+        let record = claimed.encode();
+        assert_eq!(record[0], 2);
+        assert_eq!(Envelope::decode(record).unwrap(), claimed);
     }
 
     #[test]
@@ -161,7 +199,7 @@ mod tests {
                 "session":{"id":"s\u00e91","reference":"ref-\u00e9","transaction_number":1}}"#,
         );
         let event = validate(&body, &Policy::default()).expect("a valid event");
-        let head = encode_head(&event, 1_737_881_373_626);
+        let head = encode_head(&event, 1_737_881_373_626, false);
         let record = Bytes::from([&head[..], &body[..]].concat());
         let envelope = Envelope::new(&event, body.clone(), 1_737_881_373_626);
         assert_eq!(record, envelope.encode());

@@ -46,11 +46,12 @@ impl Delivery {
     /// Makes the validated `event` (with its `body`, received at `received_at_ms`) durable,
     /// or says why not; settles `claim` once it is durable. Takes the event borrowed: the
     /// spool record is encoded straight from it, and only `confirmed` mode builds an
-    /// [`Envelope`].
+    /// [`Envelope`]. `claim_check`: `body` is the claim-check document of a stored body.
     pub(crate) async fn accept(
         &self,
         event: &Event<'_>,
         body: &Bytes,
+        claim_check: bool,
         received_at_ms: u64,
         claim: Claim,
     ) -> Result<(), DeliveryError> {
@@ -59,7 +60,7 @@ impl Delivery {
                 let limit = spool.append_timeout();
                 let (tx, rx) = oneshot::channel();
                 let spool = spool.clone();
-                let head = encode_head(event, received_at_ms);
+                let head = encode_head(event, received_at_ms, claim_check);
                 // Shares the body's memory: it is copied once, into the spool's page.
                 let body = body.clone();
                 // The append runs to its end even when the caller is answered (or gone) first,
@@ -83,7 +84,10 @@ impl Delivery {
                 }
             }
             Delivery::Confirmed(publisher) => {
-                let envelope = Envelope::new(event, body.clone(), received_at_ms);
+                let envelope = Envelope {
+                    claim_check,
+                    ..Envelope::new(event, body.clone(), received_at_ms)
+                };
                 publisher
                     .publish(&envelope)
                     .await

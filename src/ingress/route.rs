@@ -24,9 +24,10 @@ pub(super) type Validator = for<'a> fn(&'a [u8], &Policy) -> Result<Event<'a>, R
 pub(super) struct Route {
     /// The path it answers.
     pub(super) path: String,
-    /// The body limit in force: the path's own, or `amqp.max_message_bytes` if
-    /// lower, since a body over that cannot be published (and no claim-check
-    /// store exists yet), so it is refused before it is read.
+    /// The body limit in force: the path's own, or, without a claim-check store,
+    /// `amqp.max_message_bytes` if lower, since a body over that cannot be
+    /// published, so it is refused before it is read. With a store such a body is
+    /// read and claim-checked.
     pub(super) max_body_bytes: usize,
     /// The 413 reason, naming the limit in force; built once.
     pub(super) too_large: String,
@@ -37,9 +38,16 @@ pub(super) struct Route {
 }
 
 impl Route {
-    /// The route of `limits`, refusing bodies over `max_message_bytes` too.
-    pub(super) fn new(limits: &PathLimits, max_message_bytes: usize, validate: Validator) -> Self {
-        let (max_body_bytes, too_large) = if max_message_bytes < limits.max_body_bytes {
+    /// The route of `limits`, refusing bodies over `max_message_bytes` too when given
+    /// (`None`: a claim-check store takes them).
+    pub(super) fn new(
+        limits: &PathLimits,
+        max_message_bytes: Option<usize>,
+        validate: Validator,
+    ) -> Self {
+        let (max_body_bytes, too_large) = if let Some(max_message_bytes) =
+            max_message_bytes.filter(|&m| m < limits.max_body_bytes)
+        {
             (
                 max_message_bytes,
                 format!(

@@ -20,8 +20,9 @@ use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::SemaphorePermit;
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::claim::{ClaimError, ClaimStore};
 use crate::event::{ARCHIVE_EVENT_TYPE, Event, Policy, Rejection, validate, validate_archive};
 use crate::http::auth::Auth;
 use crate::http::body::{BodyError, read_body};
@@ -48,8 +49,11 @@ pub struct IngressLimits {
     pub notification: PathLimits,
     /// The archive path (`http.archive_*`).
     pub archive: PathLimits,
-    /// `amqp.max_message_bytes`: a larger body gets 413 on either path.
+    /// `amqp.max_message_bytes`: a larger body is claim-checked on either path, or
+    /// gets 413 without a store.
     pub max_message_bytes: usize,
+    /// `archive.store_url` opened: where bodies over `max_message_bytes` go (SPEC 9).
+    pub claim_store: Option<ClaimStore>,
     pub body_read_timeout: Duration,
 }
 
@@ -57,6 +61,9 @@ pub struct IngressLimits {
 pub struct Ingress {
     /// The notification path, then the archive path.
     routes: [Route; 2],
+    /// Bodies over `max_message_bytes` are stored here, a claim check published instead.
+    claim_store: Option<ClaimStore>,
+    max_message_bytes: usize,
     body_read_timeout: Duration,
     auth: Arc<Auth>,
     /// The token URL, served beside the webhook when clients can fetch tokens.
@@ -122,15 +129,22 @@ impl Ingress {
         metrics: Arc<Metrics>,
         supervisor: Supervisor,
     ) -> Self {
+        // Without a claim-check store a body over the largest message is refused unread.
+        let cap = match limits.claim_store {
+            Some(_) => None,
+            None => Some(limits.max_message_bytes),
+        };
         let routes = [
-            Route::new(&limits.notification, limits.max_message_bytes, validate),
-            Route::new(&limits.archive, limits.max_message_bytes, validate_archive),
+            Route::new(&limits.notification, cap, validate),
+            Route::new(&limits.archive, cap, validate_archive),
         ];
         let mut types = policy.accept().to_vec();
         types.push(ARCHIVE_EVENT_TYPE.to_owned());
         let accepted = metrics.accepted_counters(&types);
         Ingress {
             routes,
+            claim_store: limits.claim_store,
+            max_message_bytes: limits.max_message_bytes,
             body_read_timeout: limits.body_read_timeout,
             auth,
             token: None,
@@ -213,7 +227,8 @@ impl Ingress {
         Ok((route, permit, body))
     }
 
-    /// Dedup and delivery of a validated event: Ok once it is durable (or was already).
+    /// Dedup, claim check (a body over the largest message, with a store) and delivery of
+    /// a validated event: Ok once it is durable (or was already).
     async fn store(
         &self,
         event: &Event<'_>,
@@ -253,8 +268,18 @@ impl Ingress {
             }
             Check::Claimed(claim) => claim,
         };
+        // A body too large to publish is stored first; on failure the dedup claim is
+        // dropped (released) and nothing is published.
+        let (payload, claim_check) = match &self.claim_store {
+            Some(store) if body.len() > self.max_message_bytes => {
+                let document = store.check_in(body).await.map_err(claim_refusal)?;
+                self.metrics.claim_checks.inc();
+                (document, true)
+            }
+            _ => (body.clone(), false),
+        };
         self.delivery
-            .accept(event, body, received_at_ms, claim)
+            .accept(event, &payload, claim_check, received_at_ms, claim)
             .await
             .map_err(unavailable)?;
         self.accepted.count(&event.event_type);
@@ -387,6 +412,22 @@ fn too_large(route: &Route) -> Refusal {
         route.too_large.clone(),
         "too_large",
     )
+}
+
+/// A body that could not be claim-checked: 413 if even its claim check is too large
+/// to publish, else 503 (the store failed or was too slow; the sender retries).
+fn claim_refusal(e: ClaimError) -> Refusal {
+    let (status, metric) = match e {
+        ClaimError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        ClaimError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "claim_store_error"),
+        ClaimError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "claim_store_timeout"),
+        ClaimError::Internal(_) => (StatusCode::SERVICE_UNAVAILABLE, "claim_check_failed"),
+    };
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // The caller sees the short reason; the log has the store's own error.
+        warn!(error = ?e, "claim check failed");
+    }
+    Refusal::new(status, e.to_string(), metric)
 }
 
 /// `application/json`, with any parameters.

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub broker_nacks: Counter,
     pub broker_returns: Counter,
     pub dedup_hits: Counter,
+    /// Bodies stored in the claim-check store (SPEC 9), a claim check published instead.
+    pub claim_checks: Counter,
     registry: Registry,
 }
 
@@ -70,6 +72,7 @@ impl Metrics {
             broker_nacks: Counter::default(),
             broker_returns: Counter::default(),
             dedup_hits: Counter::default(),
+            claim_checks: Counter::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::with_prefix("cellosign_bridge");
@@ -132,6 +135,11 @@ impl Metrics {
             "dedup_hits",
             "Repeated events answered without publishing again",
             m.dedup_hits.clone(),
+        );
+        r.register(
+            "claim_checks",
+            "Bodies over amqp.max_message_bytes stored in archive.store_url, a claim check published instead",
+            m.claim_checks.clone(),
         );
         Metrics { registry: r, ..m }
     }

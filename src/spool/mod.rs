@@ -42,3 +42,4 @@ mod tests_faults;
 
 pub use error::SpoolError;
 pub use handle::{Spool, SpoolOptions};
+pub(crate) use store::create_dir_durable;

@@ -48,7 +48,8 @@ pub(super) fn dir_or_dot(dir: Option<&Path>) -> &Path {
 /// Creates `dir` and its missing ancestors, and fsyncs the parent of each directory it created:
 /// without that, a crash can lose the new directory entry, and the spool file with it (the file
 /// itself is fsync'd into `dir` by [`open_database`]). Returns the directories it created.
-pub(super) fn create_dir_durable(dir: &Path) -> io::Result<Vec<PathBuf>> {
+/// Also what the claim-check store's directory is created with.
+pub(crate) fn create_dir_durable(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut missing = Vec::new();
     let mut next = Some(dir);
     while let Some(d) = next {

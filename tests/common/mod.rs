@@ -153,6 +153,18 @@ impl TestApp {
         self.post(body.to_string(), Some("application/json")).await
     }
 
+    /// A consumer of what the app publishes with `binding`, on a queue bound before the
+    /// app's first publish (the exchange is declared as the app declares it); keep the
+    /// [`Broker`] as long as the consumer.
+    pub async fn subscribe(&self, binding: &str) -> (Broker, Consumer) {
+        let broker = Broker::connect(&amqp_url()).await;
+        broker.declare_exchange(&self.settings.amqp.exchange).await;
+        let consumer = broker
+            .subscribe(&self.settings.amqp.exchange, binding)
+            .await;
+        (broker, consumer)
+    }
+
     /// GETs an admin path: (code, body).
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         let r = self
@@ -460,11 +472,7 @@ pub fn assert_contract_properties(d: &Delivery, name: &str) {
 /// accepted one reached the broker byte for byte, with its routing key and the
 /// contract's properties (SPEC 3), and nothing else did.
 pub async fn assert_vectors_end_to_end(app: &TestApp, url: &str, cases: Vec<serde_json::Value>) {
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "#").await;
-
+    let (_broker, mut consumer) = app.subscribe("#").await;
     let mut accepted = Vec::new();
     for case in cases {
         let name = case["name"].as_str().unwrap();
@@ -507,6 +515,15 @@ pub async fn assert_vectors_end_to_end(app: &TestApp, url: &str, cases: Vec<serd
         assert_contract_properties(d, name);
     }
     assert_quiet(&mut consumer, Duration::from_millis(300)).await;
+}
+
+/// The `message_id` property of a delivery (`""` if it has none).
+pub fn id_of(d: &Delivery) -> String {
+    d.properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
 }
 
 /// Asserts that nothing more arrives for `quiet`.
