@@ -5,7 +5,9 @@
 //! published only after the previous one was acked, so a nack or a return can
 //! never let a later event of the same reference overtake an earlier one.
 //! Lanes of different keys publish side by side, up to `amqp.max_unconfirmed`
-//! events held at once, so varied references keep the pipeline full.
+//! events held at once, so varied references keep the pipeline full, and up to
+//! [`READ_BUDGET_BYTES`] of them in bytes, so large archives waiting in the spool
+//! are not all read into memory at once.
 //!
 //! A refused lane (nack or return) waits with capped exponential backoff that
 //! resets after its next ack; a nack also retires the channel once its other
@@ -54,6 +56,10 @@ enum PassError {
     #[error("stopped")]
     Stopped,
 }
+
+/// Bytes of records the forwarder holds at once (read and not yet delivered); past
+/// it, it reads no more until some are delivered. One record is read whatever its size.
+const READ_BUDGET_BYTES: usize = 64 << 20;
 
 /// What the forwarder needs to know about the broker side.
 #[derive(Clone)]
@@ -135,6 +141,8 @@ struct Lanes {
     sent: SendOrder,
     /// Events read from the spool and not yet removed.
     held: usize,
+    /// Bytes of the bodies of the `held` events.
+    held_bytes: usize,
     /// Highest seq read from the spool.
     cursor: Option<u64>,
     /// Acked events not yet removed from the spool. Kept across passes: the cursor is
@@ -151,6 +159,7 @@ impl Lanes {
             in_flight: HashMap::new(),
             sent: SendOrder::default(),
             held: 0,
+            held_bytes: 0,
             cursor: None,
             delivered: Vec::new(),
         }
@@ -160,6 +169,7 @@ impl Lanes {
     fn push(&mut self, seq: u64, envelope: Envelope) {
         self.cursor = Some(seq);
         self.held += 1;
+        self.held_bytes = self.held_bytes.saturating_add(envelope.body.len());
         match self.lanes.get_mut(envelope.routing_key.as_str()) {
             Some(lane) => lane.events.push_back((seq, envelope)),
             None => {
@@ -179,6 +189,11 @@ impl Lanes {
                 self.ready.push_back(key);
             }
         }
+    }
+
+    /// Whether more may be read: fewer than `window` events and [`READ_BUDGET_BYTES`] held.
+    fn has_room(&self, window: usize) -> bool {
+        self.held < window && self.held_bytes < READ_BUDGET_BYTES
     }
 
     /// After a channel is lost: every head in flight goes back to ready.
@@ -308,14 +323,20 @@ impl Pass<'_> {
                 return PassError::Reopened;
             }
             // Read more while there is room.
-            if !exhausted && self.lanes.held < self.target.window {
+            if !exhausted && self.lanes.has_room(self.target.window) {
                 let last = self.spool.stats().last_seq.unwrap_or(0);
                 let room = self.target.window - self.lanes.held;
-                let read = match self.spool.read_after(self.lanes.cursor, room).await {
+                let room_bytes = READ_BUDGET_BYTES - self.lanes.held_bytes;
+                let read = self
+                    .spool
+                    .read_after_within(self.lanes.cursor, room, room_bytes);
+                let read = match read.await {
                     Ok(read) => read,
                     Err(e) => return e.into(),
                 };
-                if read.len() < room {
+                let read_bytes = read.iter().map(|(_, r)| r.len()).sum::<usize>();
+                // Short of both limits: the spool had no more.
+                if read.len() < room && read_bytes < room_bytes {
                     exhausted = true;
                     known_last = last.max(self.lanes.cursor.unwrap_or(0));
                 }
@@ -379,7 +400,7 @@ impl Pass<'_> {
                 .lanes
                 .oldest_unconfirmed()
                 .map(|at| at + self.target.publish_timeout);
-            let can_read = exhausted && self.lanes.held < self.target.window;
+            let can_read = exhausted && self.lanes.has_room(self.target.window);
             tokio::select! {
                 () = stop.cancelled() => return PassError::Stopped,
                 () = settled(&mut confirms, &mut batch), if !confirms.is_empty() => {
@@ -436,7 +457,10 @@ impl Pass<'_> {
                         info!("forwarding again");
                         *self.failures = 0;
                     }
-                    lane.events.pop_front();
+                    if let Some((_, envelope)) = lane.events.pop_front() {
+                        let len = envelope.body.len();
+                        self.lanes.held_bytes = self.lanes.held_bytes.saturating_sub(len);
+                    }
                     lane.refusals = 0;
                     self.lanes.delivered.push(seq);
                     if lane.events.is_empty() {

@@ -334,3 +334,49 @@ async fn the_archive_path_has_the_same_auth_and_checks_in_the_same_order() {
     assert_eq!(app.post_to(&unknown, "{}", JSON).await.code, 404);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn archives_waiting_beyond_the_forwarders_byte_budget_are_all_forwarded_in_order() {
+    // Six 15 MB archives (90 MB, over the forwarder's 64 MiB read budget) and
+    // notifications wait in the spool while no broker is reachable.
+    let spool = tempfile::tempdir().expect("temp dir");
+    let exchange = unique("ex");
+    let settings = |urls: Vec<cellosign_bridge::BrokerUrl>| {
+        let mut s = test_settings(AckMode::Spooled, spool.path());
+        s.amqp.exchange = exchange.clone();
+        s.amqp.urls = urls;
+        s
+    };
+    let offline = settings(vec!["amqp://guest:guest@127.0.0.1:1/%2f".into()]);
+    let app = spawn_with(offline, tempfile::tempdir().expect("temp dir")).await;
+    let mut expected = Vec::new();
+    for n in 0..6u64 {
+        let id = format!("budget-{n}");
+        let body = archive_body(&id, "ref-budget", 15_000_000);
+        let a = app.post_to(&app.archive_url(), body, JSON).await;
+        assert_eq!(a.code, 200, "{a:?}");
+        expected.push(archive_id(&id));
+        let ty = "WHEF_SESSION_CREATED";
+        let note = event_body(ty, &format!("after-{n}"), "ref-budget", n);
+        assert_eq!(app.post_json(&note).await.code, 200);
+        expected.push(message_id(ty, &format!("after-{n}"), n));
+    }
+    app.stop().await;
+    // Back with a broker (bound before the bridge starts forwarding): everything
+    // arrives, in the order accepted.
+    let broker = Broker::connect(&amqp_url()).await;
+    broker.declare_exchange(&exchange).await;
+    let mut consumer = broker.subscribe(&exchange, "ref-budget").await;
+    let app = spawn_with(
+        settings(vec![amqp_url().into()]),
+        tempfile::tempdir().expect("temp dir"),
+    )
+    .await;
+    let got: Vec<String> = take(&mut consumer, expected.len(), WAIT)
+        .await
+        .iter()
+        .map(id_of)
+        .collect();
+    assert_eq!(got, expected);
+    app.stop().await;
+}

@@ -197,3 +197,60 @@ fn the_template_renders_against_the_first_session() {
     let e = validate_archive(&with_pid, &policy("{session.process_id}")).unwrap();
     assert_eq!(e.routing_key, "p-1");
 }
+
+/// Checks an accepted archive against a plain `Value` reading of its bytes.
+fn agrees_with_a_plain_reading(body: &[u8], e: &super::Event<'_>) {
+    let v: Value = serde_json::from_slice(body).expect("accepted, so JSON");
+    assert_eq!(v["event"]["type"], "WHP_ARCHIVE");
+    let sessions = match &v["session"] {
+        Value::Array(items) => items.iter().collect::<Vec<_>>(),
+        one @ Value::Object(_) => vec![one],
+        other => panic!("accepted a session that is {other}"),
+    };
+    assert!(!sessions.is_empty());
+    for s in &sessions {
+        assert_eq!(s["reference"].as_str(), Some(&*e.reference));
+        assert!(s["id"].is_string());
+    }
+    assert_eq!(sessions[0]["id"].as_str(), Some(&*e.session_id));
+    assert_eq!(e.routing_key, e.reference);
+    let ts = v["event"]["timestamp"].as_str().expect("a timestamp");
+    assert_eq!(e.message_id, format!("{}:WHP_ARCHIVE:{ts}", e.session_id));
+}
+
+#[test]
+fn bad_bytes_never_panic_and_what_passes_agrees_with_a_plain_reading() {
+    let p = Policy::default();
+    let body = edited(|_| {});
+    // Every truncation, and byte edits at every position (a small deterministic
+    // stand-in for the fuzz target, which covers `validate`).
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut accepted = 0;
+    for cut in 0..body.len() {
+        assert!(validate_archive(&body[..cut], &p).is_err());
+    }
+    for at in 0..body.len() {
+        for replacement in [b'"', b'[', b'{', b']', b'}', b',', b':', b'0', b'\\', 0xff] {
+            let mut bad = body.clone();
+            bad[at] = replacement;
+            if at % 3 == 0 {
+                let extra = (next() % body.len() as u64) as usize;
+                bad.insert(extra, replacement);
+            }
+            match validate_archive(&bad, &p) {
+                Ok(e) => {
+                    accepted += 1;
+                    agrees_with_a_plain_reading(&bad, &e);
+                }
+                Err(r) => assert!(matches!(r.http_status(), 400 | 422)),
+            }
+        }
+    }
+    assert!(accepted > 0, "some edits (inside content) still pass");
+}

@@ -251,13 +251,26 @@ impl Spool {
 
     /// Up to `limit` records with a sequence number above `after` (all when `None`), in order,
     /// from the latest committed snapshot. Runs on tokio's blocking pool.
+    #[cfg(test)]
     pub(crate) async fn read_after(
         &self,
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Bytes)>, SpoolError> {
+        self.read_after_within(after, limit, usize::MAX).await
+    }
+
+    /// [`Spool::read_after`] that stops once the records read sum to `max_bytes` or more
+    /// (one record at least, however large): the forwarder bounds what it holds in bytes.
+    pub(crate) async fn read_after_within(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Bytes)>, SpoolError> {
         let this = self.clone();
-        match tokio::task::spawn_blocking(move || this.read_after_blocking(after, limit)).await {
+        let read = move || this.read_blocking(after, limit, max_bytes);
+        match tokio::task::spawn_blocking(read).await {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => Err(SpoolError::Closed),
@@ -265,10 +278,21 @@ impl Spool {
     }
 
     /// Synchronous [`Spool::read_after`], for callers already off the async executor.
+    #[cfg(test)]
     pub(crate) fn read_after_blocking(
         &self,
         after: Option<u64>,
         limit: usize,
+    ) -> Result<Vec<(u64, Bytes)>, SpoolError> {
+        self.read_blocking(after, limit, usize::MAX)
+    }
+
+    /// The read of [`Spool::read_after_within`], on the calling thread.
+    fn read_blocking(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(u64, Bytes)>, SpoolError> {
         let start = match after {
             None => 0,
@@ -285,7 +309,7 @@ impl Spool {
                 SpoolError::not_open()
             });
         };
-        store::read_from(db, start, limit)
+        store::read_from(db, start, limit, max_bytes)
     }
 
     /// Waits until a record with a sequence number above `after` has been committed, so the

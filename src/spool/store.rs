@@ -160,21 +160,28 @@ pub(super) fn scan(db: &impl ReadableDatabase) -> Result<Scan, SpoolError> {
     Ok(s)
 }
 
-/// Up to `limit` records numbered `start` or above, in order, from `db`'s latest commit.
+/// Up to `limit` records numbered `start` or above, in order, from `db`'s latest commit;
+/// no more once they sum to `max_bytes` (the first is read whatever its size).
 pub(super) fn read_from(
     db: &Database,
     start: u64,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<Vec<(u64, Bytes)>, SpoolError> {
     let txn = db.begin_read()?;
     let Some(table) = open_if_exists(&txn, RECORDS)? else {
         return Ok(Vec::new());
     };
     let mut out = Vec::with_capacity(limit.min(4096));
+    let mut bytes = 0usize;
     for entry in table.range(start..)?.take(limit) {
+        if bytes >= max_bytes {
+            break;
+        }
         let (k, v) = entry?;
         let seq = k.value();
         let (_, data) = split_value(seq, v.value())?;
+        bytes = bytes.saturating_add(data.len());
         out.push((seq, Bytes::copy_from_slice(data)));
     }
     Ok(out)

@@ -252,6 +252,30 @@ async fn a_record_appended_in_parts_is_stored_as_one_and_counted_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_within_a_byte_budget_stops_once_it_is_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    for n in 0..5 {
+        spool.append(payload(&format!("r{n}"), 100)).await.unwrap();
+    }
+    let seqs = |read: Vec<(u64, Bytes)>| read.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+    let within = |bytes| spool.read_after_within(None, 10, bytes);
+    assert_eq!(
+        seqs(within(250).await.unwrap()),
+        [1, 2, 3],
+        "up to the record that reaches it"
+    );
+    assert_eq!(seqs(within(200).await.unwrap()), [1, 2]);
+    assert_eq!(
+        seqs(within(1).await.unwrap()),
+        [1],
+        "one record, whatever its size"
+    );
+    let after = spool.read_after_within(Some(3), 10, 1000).await.unwrap();
+    assert_eq!(seqs(after), [4, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_new_wakes_forwarder() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
