@@ -27,121 +27,131 @@ async fn read_to_close(stream: &mut TcpStream, within: Duration) -> String {
 
 #[tokio::test]
 async fn tokens_are_required_from_any_of_three_places() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.auth.tokens = vec!["t0k3n".into(), "second".into()]
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.auth.tokens = vec!["t0k3n".into(), "second".into()]
+        })
+        .await;
+        let exchange = app.settings.amqp.exchange.clone();
+        let broker = Broker::connect(&amqp_url()).await;
+        broker.declare_exchange(&exchange).await;
+        let mut consumer = broker.subscribe(&exchange, "#").await;
+        let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
+        let post = |url: String| {
+            app.client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.clone())
+        };
+
+        for req in [
+            post(app.url()),
+            post(app.url()).bearer_auth("wrong"),
+            post(app.url()).header("x-webhook-token", "t0k3"),
+            post(format!("{}?token=nope", app.url())),
+        ] {
+            let a = answer(req.send().await.unwrap()).await;
+            assert_eq!(a.code, 401, "{a:?}");
+            assert!(!a.errordesc.contains("t0k3n"));
+        }
+        // 401 publishes nothing.
+        assert_quiet(&mut consumer, Duration::from_millis(500)).await;
+
+        let accepted = [
+            post(app.url()).bearer_auth("t0k3n"),
+            post(app.url()).header("x-webhook-token", "second"),
+            post(format!("{}?token=t0k3n", app.url())),
+        ];
+        for (n, req) in accepted.into_iter().enumerate() {
+            // Distinct events, so dedup does not hide a publish.
+            let req = req.body(event_body(
+                "WHEF_SESSION_CREATED",
+                &format!("ok{n}"),
+                "r1",
+                n as u64,
+            ));
+            let a = answer(req.send().await.unwrap()).await;
+            assert_eq!(a.code, 200, "{a:?}");
+        }
+        assert_eq!(take(&mut consumer, 3, WAIT).await.len(), 3);
+        let (_, metrics) = app.admin_get("/metrics").await;
+        assert!(
+            metrics.contains(r#"cellosign_bridge_http_requests_total{code="401"} 4"#),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(r#"cellosign_bridge_events_rejected_total{reason="unauthorized"} 4"#),
+            "{metrics}"
+        );
+        app.stop().await;
     })
     .await;
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "#").await;
-    let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
-    let post = |url: String| {
-        app.client
-            .post(url)
-            .header("content-type", "application/json")
-            .body(body.clone())
-    };
-
-    for req in [
-        post(app.url()),
-        post(app.url()).bearer_auth("wrong"),
-        post(app.url()).header("x-webhook-token", "t0k3"),
-        post(format!("{}?token=nope", app.url())),
-    ] {
-        let a = answer(req.send().await.unwrap()).await;
-        assert_eq!(a.code, 401, "{a:?}");
-        assert!(!a.errordesc.contains("t0k3n"));
-    }
-    // 401 publishes nothing.
-    assert_quiet(&mut consumer, Duration::from_millis(500)).await;
-
-    let accepted = [
-        post(app.url()).bearer_auth("t0k3n"),
-        post(app.url()).header("x-webhook-token", "second"),
-        post(format!("{}?token=t0k3n", app.url())),
-    ];
-    for (n, req) in accepted.into_iter().enumerate() {
-        // Distinct events, so dedup does not hide a publish.
-        let req = req.body(event_body(
-            "WHEF_SESSION_CREATED",
-            &format!("ok{n}"),
-            "r1",
-            n as u64,
-        ));
-        let a = answer(req.send().await.unwrap()).await;
-        assert_eq!(a.code, 200, "{a:?}");
-    }
-    assert_eq!(take(&mut consumer, 3, WAIT).await.len(), 3);
-    let (_, metrics) = app.admin_get("/metrics").await;
-    assert!(
-        metrics.contains(r#"cellosign_bridge_http_requests_total{code="401"} 4"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"cellosign_bridge_events_rejected_total{reason="unauthorized"} 4"#),
-        "{metrics}"
-    );
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn query_tokens_can_be_disabled() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.auth.tokens = vec!["t0k3n".into()];
-        s.auth.allow_query_token = false;
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.auth.tokens = vec!["t0k3n".into()];
+            s.auth.allow_query_token = false;
+        })
+        .await;
+        let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
+        let r = app
+            .client
+            .post(format!("{}?token=t0k3n", app.url()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer(r).await.code, 401);
+        app.stop().await;
     })
     .await;
-    let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
-    let r = app
-        .client
-        .post(format!("{}?token=t0k3n", app.url()))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer(r).await.code, 401);
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn client_networks_are_enforced_behind_trusted_proxies() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.auth.allow_from = vec!["10.0.0.0/8".parse().unwrap()];
-        s.http.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.auth.allow_from = vec!["10.0.0.0/8".parse().unwrap()];
+            s.http.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        })
+        .await;
+        let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
+        let post = || app.client.post(app.url()).body(body.clone());
+        // The test connects from 127.0.0.1, which is not allowed itself.
+        assert_eq!(answer(post().send().await.unwrap()).await.code, 403);
+        let r = post()
+            .header("x-forwarded-for", "192.0.2.1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer(r).await.code, 403);
+        // The trusted proxy vouches for an allowed client.
+        let r = post()
+            .header("x-forwarded-for", "10.1.2.3")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer(r).await.code, 200);
+        // A spoofed allowed address before the real (appended) one does not help.
+        let r = post()
+            .header("x-forwarded-for", "10.1.2.3, 192.0.2.1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer(r).await.code, 403);
+        // The admin listener is not affected.
+        assert_eq!(app.admin_get("/healthz").await.0, 200);
+        app.stop().await;
     })
     .await;
-    let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
-    let post = || app.client.post(app.url()).body(body.clone());
-    // The test connects from 127.0.0.1, which is not allowed itself.
-    assert_eq!(answer(post().send().await.unwrap()).await.code, 403);
-    let r = post()
-        .header("x-forwarded-for", "192.0.2.1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer(r).await.code, 403);
-    // The trusted proxy vouches for an allowed client.
-    let r = post()
-        .header("x-forwarded-for", "10.1.2.3")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer(r).await.code, 200);
-    // A spoofed allowed address before the real (appended) one does not help.
-    let r = post()
-        .header("x-forwarded-for", "10.1.2.3, 192.0.2.1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer(r).await.code, 403);
-    // The admin listener is not affected.
-    assert_eq!(app.admin_get("/healthz").await.0, 200);
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn a_chunked_body_over_the_limit_gets_413_without_the_rest_being_read() {
+    bounded(async {
     let app = spawn_app(AckMode::Spooled, |s| s.http.max_body_bytes = 1024).await;
     let mut stream = TcpStream::connect(app.http).await.unwrap();
     let head = format!(
@@ -160,10 +170,13 @@ async fn a_chunked_body_over_the_limit_gets_413_without_the_rest_being_read() {
     let big = vec![b' '; 2048];
     assert_eq!(app.post(big, Some("application/json")).await.code, 413);
     app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_slow_client_is_cut() {
+    bounded(async {
     let app = spawn_app(AckMode::Spooled, |s| {
         s.http.header_read_timeout_ms = 300;
         s.http.body_read_timeout_ms = 300;
@@ -212,10 +225,13 @@ async fn a_slow_client_is_cut() {
         200
     );
     app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn requests_over_the_in_flight_limit_get_429() {
+    bounded(async {
     let app = spawn_app(AckMode::Spooled, |s| s.http.max_in_flight = 1).await;
     // Hold the only slot: a request whose body is still coming.
     let mut holder = TcpStream::connect(app.http).await.unwrap();
@@ -237,57 +253,63 @@ async fn requests_over_the_in_flight_limit_get_429() {
     assert_eq!(a.headers.get("retry-after").unwrap(), "1");
     drop(holder);
     app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn admin_endpoints_report_health_readiness_and_metrics() {
-    let app = spawn_app(AckMode::Spooled, |_| {}).await;
-    let (code, body) = app.admin_get("/healthz").await;
-    assert_eq!(code, 200, "{body}");
-    let (code, body) = app.admin_get("/readyz").await;
-    assert_eq!(code, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["ready"], true);
-    assert_eq!(v["mode"], "spooled");
-    assert!(v["spool"]["max_bytes"].as_u64().is_some(), "{body}");
-    assert!(v["broker"]["connected"].is_boolean(), "{body}");
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |_| {}).await;
+        let (code, body) = app.admin_get("/healthz").await;
+        assert_eq!(code, 200, "{body}");
+        let (code, body) = app.admin_get("/readyz").await;
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["ready"], true);
+        assert_eq!(v["mode"], "spooled");
+        assert!(v["spool"]["max_bytes"].as_u64().is_some(), "{body}");
+        assert!(v["broker"]["connected"].is_boolean(), "{body}");
 
-    assert_eq!(
-        app.post_json(&event_body("WHEF_SESSION_CREATED", "s1", "r1", 1))
-            .await
-            .code,
-        200
-    );
-    assert_eq!(app.post_json("{").await.code, 400);
-    let (code, metrics) = app.admin_get("/metrics").await;
-    assert_eq!(code, 200);
-    for line in [
-        r#"cellosign_bridge_http_requests_total{code="200"} 1"#,
-        r#"cellosign_bridge_http_requests_total{code="400"} 1"#,
-        r#"cellosign_bridge_events_accepted_total{type="WHEF_SESSION_CREATED"} 1"#,
-        r#"cellosign_bridge_events_rejected_total{reason="malformed_json"} 1"#,
-        "cellosign_bridge_ack_latency_seconds_count 1",
-    ] {
-        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
-    }
-    for name in [
-        "cellosign_bridge_publish_confirm_seconds",
-        "cellosign_bridge_spool_events",
-        "cellosign_bridge_spool_bytes",
-        "cellosign_bridge_broker_connected",
-        "cellosign_bridge_broker_reconnects_total",
-        "cellosign_bridge_broker_nacks_total",
-        "cellosign_bridge_broker_returns_total",
-        "cellosign_bridge_dedup_hits_total",
-    ] {
-        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
-    }
-    assert_eq!(app.admin_get("/nope").await.0, 404);
-    app.stop().await;
+        assert_eq!(
+            app.post_json(&event_body("WHEF_SESSION_CREATED", "s1", "r1", 1))
+                .await
+                .code,
+            200
+        );
+        assert_eq!(app.post_json("{").await.code, 400);
+        let (code, metrics) = app.admin_get("/metrics").await;
+        assert_eq!(code, 200);
+        for line in [
+            r#"cellosign_bridge_http_requests_total{code="200"} 1"#,
+            r#"cellosign_bridge_http_requests_total{code="400"} 1"#,
+            r#"cellosign_bridge_events_accepted_total{type="WHEF_SESSION_CREATED"} 1"#,
+            r#"cellosign_bridge_events_rejected_total{reason="malformed_json"} 1"#,
+            "cellosign_bridge_ack_latency_seconds_count 1",
+        ] {
+            assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+        }
+        for name in [
+            "cellosign_bridge_publish_confirm_seconds",
+            "cellosign_bridge_spool_events",
+            "cellosign_bridge_spool_bytes",
+            "cellosign_bridge_broker_connected",
+            "cellosign_bridge_broker_reconnects_total",
+            "cellosign_bridge_broker_nacks_total",
+            "cellosign_bridge_broker_returns_total",
+            "cellosign_bridge_dedup_hits_total",
+        ] {
+            assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+        }
+        assert_eq!(app.admin_get("/nope").await.0, 404);
+        app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn tls_on_the_public_listener() {
+    bounded(async {
     use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
     let dir = tempfile::tempdir().unwrap();
@@ -324,7 +346,10 @@ async fn tls_on_the_public_listener() {
     );
     tls.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    tls.read_to_end(&mut out).await.unwrap();
+    tokio::time::timeout(WAIT, tls.read_to_end(&mut out))
+        .await
+        .expect("the TLS answer within 20 s")
+        .unwrap();
     let got = String::from_utf8_lossy(&out);
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(got.ends_with(r#"{"status":"0","errordesc":""}"#), "{got}");
@@ -332,70 +357,75 @@ async fn tls_on_the_public_listener() {
     let plain = app.client.post(app.url()).body(body).send().await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
     app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn tail_prints_events_posted_through_the_bridge() {
-    let app = spawn_app(AckMode::Confirmed, |_| {}).await;
-    let exchange = app.settings.amqp.exchange.clone();
-    // The bridge declares the exchange once connected.
-    app.wait_ready(true, WAIT).await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"))
-        .args(["tail", "--binding", "ref-tail"])
-        .env("BRIDGE_AMQP__URLS", amqp_url())
-        .env("BRIDGE_AMQP__EXCHANGE", &exchange)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let ready = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stderr).read_line(&mut line).map(|_| line)
-    });
-    let line = tokio::time::timeout(WAIT, ready)
-        .await
-        .expect("tail starts")
-        .unwrap()
-        .unwrap();
-    assert!(line.contains("bound"), "{line}");
-    let body = event_body("WHEF_CLIENT_FORM_LOADED", "s-tail", "ref-tail", 7);
-    assert_eq!(
-        app.post_json(&event_body(
-            "WHEF_CLIENT_FORM_LOADED",
-            "s-other",
-            "ref-other",
-            8
-        ))
-        .await
-        .code,
-        200
-    );
-    assert_eq!(app.post_json(&body).await.code, 200);
-    let stdout = child.stdout.take().unwrap();
-    let printed = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map(|_| line)
-    });
-    let line = tokio::time::timeout(WAIT, printed)
-        .await
-        .expect("tail prints")
-        .unwrap()
-        .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(v["routing_key"], "ref-tail");
-    assert_eq!(v["type"], "WHEF_CLIENT_FORM_LOADED");
-    assert_eq!(
-        v["message_id"],
-        "s-tail:WHEF_CLIENT_FORM_LOADED:2025-01-26T08:49:33.000007"
-    );
-    assert!(v["received_at"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(
-        v["body"],
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()
-    );
-    app.stop().await;
+    bounded(async {
+        let app = spawn_app(AckMode::Confirmed, |_| {}).await;
+        let exchange = app.settings.amqp.exchange.clone();
+        // The bridge declares the exchange once connected.
+        app.wait_ready(true, WAIT).await;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"))
+            .args(["tail", "--binding", "ref-tail"])
+            .env("BRIDGE_AMQP__URLS", amqp_url())
+            .env("BRIDGE_AMQP__EXCHANGE", &exchange)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stderr).read_line(&mut line).map(|_| line)
+        });
+        let line = tokio::time::timeout(WAIT, ready)
+            .await
+            .expect("tail starts")
+            .unwrap()
+            .unwrap();
+        assert!(line.contains("bound"), "{line}");
+        let body = event_body("WHEF_CLIENT_FORM_LOADED", "s-tail", "ref-tail", 7);
+        assert_eq!(
+            app.post_json(&event_body(
+                "WHEF_CLIENT_FORM_LOADED",
+                "s-other",
+                "ref-other",
+                8
+            ))
+            .await
+            .code,
+            200
+        );
+        assert_eq!(app.post_json(&body).await.code, 200);
+        let stdout = child.stdout.take().unwrap();
+        let printed = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        });
+        let line = tokio::time::timeout(WAIT, printed)
+            .await
+            .expect("tail prints")
+            .unwrap()
+            .unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["routing_key"], "ref-tail");
+        assert_eq!(v["type"], "WHEF_CLIENT_FORM_LOADED");
+        assert_eq!(
+            v["message_id"],
+            "s-tail:WHEF_CLIENT_FORM_LOADED:2025-01-26T08:49:33.000007"
+        );
+        assert!(v["received_at"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(
+            v["body"],
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        );
+        app.stop().await;
+    })
+    .await;
 }

@@ -17,13 +17,6 @@ use lapin::options::{BasicAckOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use support::bridge_process::BridgeProcess;
 
-/// A hung test fails with a message instead of holding CI.
-async fn bounded(test: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(Duration::from_secs(240), test)
-        .await
-        .expect("test did not finish within 240 s");
-}
-
 /// A classic queue that holds at most `max` messages and nacks publishes beyond
 /// that (`x-overflow = reject-publish`), bound to `exchange` with `#`.
 async fn full_queue(broker: &Broker, exchange: &str, name: &str, max: i64) {
@@ -206,7 +199,7 @@ async fn a_broker_that_keeps_refusing_costs_little_cpu_and_every_nack_is_counted
             token,
             &[("BRIDGE_AMQP__RECONNECT_MAX_MS", "2000")],
         );
-        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let client = http_client();
         for n in 0..64u64 {
             let reference = format!("ref-{}", n % 16);
             let r = client

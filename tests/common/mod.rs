@@ -19,6 +19,38 @@ use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// How long one test may run before it fails instead of holding the suite.
+pub const TEST_LIMIT: Duration = Duration::from_secs(240);
+
+/// Runs `test` under [`TEST_LIMIT`]: a hung test fails with a message instead of
+/// holding CI.
+pub async fn bounded(test: impl std::future::Future<Output = ()>) {
+    bounded_within(TEST_LIMIT, test).await;
+}
+
+/// Runs `test` under `limit` (for the few tests that legitimately need longer or
+/// should fail sooner than [`TEST_LIMIT`]).
+pub async fn bounded_within(limit: Duration, test: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(limit, test).await.is_err() {
+        panic!("test did not finish within {limit:?}");
+    }
+}
+
+/// How long the test HTTP client waits for any one answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long [`TestApp::stop`] waits for the application to end, and for the cleanup.
+pub const STOP_LIMIT: Duration = Duration::from_secs(30);
+
+/// An HTTP client that never waits for ever: no proxy, and [`REQUEST_TIMEOUT`].
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .expect("HTTP client")
+}
+
 /// The broker tests use: `AMQP_ADDR`, else the local one.
 pub fn amqp_url() -> String {
     std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -80,6 +112,51 @@ pub struct TestApp {
     _spool: tempfile::TempDir,
 }
 
+impl Drop for TestApp {
+    /// A test that panics (or drops its app without [`TestApp::stop`]) still stops
+    /// the application and removes what it declared on the shared broker, on a
+    /// thread of its own (blocking inside the runtime could deadlock it), bounded.
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        task.abort();
+        let url = self.settings.amqp.urls[0].expose().to_string();
+        let exchange = self.settings.amqp.exchange.clone();
+        let cleaner = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let _ = tokio::time::timeout(STOP_LIMIT, cleanup_on(&url, &exchange)).await;
+            });
+        });
+        // Bounded by STOP_LIMIT inside; join so that the cleanup is done when the test ends.
+        let _ = cleaner.join();
+    }
+}
+
+/// Removes what a bridge with `exchange` declared on the broker at `url`, if it can connect.
+async fn cleanup_on(url: &str, exchange: &str) {
+    let connect = Connection::connect(url, ConnectionProperties::default());
+    if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await
+        && let Ok(channel) = connection.create_channel().await
+    {
+        Broker {
+            connection,
+            channel,
+        }
+        .cleanup(exchange)
+        .await;
+    }
+}
+
 /// Starts the real application with `configure` applied to [`test_settings`].
 pub async fn spawn_app(mode: AckMode, configure: impl FnOnce(&mut Settings)) -> TestApp {
     let spool = tempfile::tempdir().expect("temp dir");
@@ -102,7 +179,7 @@ pub async fn spawn_with(settings: Settings, spool: tempfile::TempDir) -> TestApp
         http,
         admin,
         settings,
-        client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        client: http_client(),
         stop: Some(tx),
         task: Some(task),
         _spool: spool,
@@ -166,28 +243,32 @@ impl TestApp {
         }
     }
 
-    /// Stops the app as SIGTERM would, waits for it, and removes what it declared
-    /// on the broker (its exchange, and the alternate exchange with its queue).
+    /// Stops the app as SIGTERM would, waits for it (at most [`STOP_LIMIT`]), and
+    /// removes what it declared on the broker (its exchange, and the alternate
+    /// exchange with its queue), also bounded.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        if let Some(task) = self.task.take()
-            && let Err(failure) = task.await.expect("app task")
-        {
-            panic!("the application failed: {failure}");
+        let mut failed = None;
+        if let Some(mut task) = self.task.take() {
+            failed = match tokio::time::timeout(STOP_LIMIT, &mut task).await {
+                Ok(Ok(Ok(()))) => None,
+                Ok(Ok(Err(failure))) => Some(format!("the application failed: {failure}")),
+                Ok(Err(join)) => Some(format!("the application task ended abnormally: {join}")),
+                Err(_) => {
+                    task.abort();
+                    Some(format!(
+                        "the application did not stop within {STOP_LIMIT:?}"
+                    ))
+                }
+            };
         }
-        let url = self.settings.amqp.urls[0].expose();
-        let connect = Connection::connect(url, ConnectionProperties::default());
-        if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await
-            && let Ok(channel) = connection.create_channel().await
-        {
-            Broker {
-                connection,
-                channel,
-            }
-            .cleanup(&self.settings.amqp.exchange)
-            .await;
+        let url = self.settings.amqp.urls[0].expose().to_string();
+        let _ =
+            tokio::time::timeout(STOP_LIMIT, cleanup_on(&url, &self.settings.amqp.exchange)).await;
+        if let Some(failed) = failed {
+            panic!("{failed}");
         }
     }
 }
@@ -330,6 +411,29 @@ impl Broker {
             )
             .await
             .expect("exchange");
+    }
+
+    /// True if `exchange` exists (a passive declare, on a channel of its own since a
+    /// failed one closes its channel).
+    pub async fn exchange_exists(&self, exchange: &str) -> bool {
+        let Ok(channel) = self.connection.create_channel().await else {
+            return false;
+        };
+        let passive = lapin::options::ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let found = channel
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = channel.close(200, "done".into()).await;
+        found
     }
 
     /// Removes what a test's bridge declared.
