@@ -2,13 +2,15 @@
 //! message), order per reference holds, the bridge backs off instead of
 //! spinning, and in `confirmed` mode each request learns its own publish's fate
 //! (SPEC 6 "Order under refusal", "Backoff on refusal", "Returns in confirmed mode").
+//! In `confirmed` mode a nack, a return or a withheld confirm is a 503 in time,
+//! and the nack and return counters count each one.
 
 mod common;
 mod support;
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cellosign_bridge::AckMode;
 use common::*;
@@ -16,6 +18,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use support::bridge_process::BridgeProcess;
+use support::tcp_proxy::{CutMode, TcpProxy};
 
 /// A classic queue that holds at most `max` messages and nacks publishes beyond
 /// that (`x-overflow = reject-publish`), bound to `exchange` with `#`.
@@ -174,14 +177,6 @@ async fn order_holds_when_a_full_queue_nacks() {
     .await;
 }
 
-/// The counter `name` as /metrics shows it (summed over labels).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_keeps_refusing_costs_little_cpu_and_every_nack_is_counted() {
     bounded(async {
@@ -224,7 +219,7 @@ async fn a_broker_that_keeps_refusing_costs_little_cpu_and_every_nack_is_counted
             .text()
             .await
             .expect("metrics body");
-        let nacks = metric(&metrics, "cellosign_bridge_broker_nacks_total");
+        let nacks = metric_sum(&metrics, "cellosign_bridge_broker_nacks_total");
         assert!(nacks > 0.0, "no nack counted:\n{metrics}");
         assert!(
             used < Duration::from_millis(400),
@@ -362,7 +357,7 @@ async fn an_unroutable_reference_does_not_hold_back_the_others() {
         assert_eq!(first_copies(&got), expected);
         let (_, metrics) = app.admin_get("/metrics").await;
         assert!(
-            metric(&metrics, "cellosign_bridge_broker_returns_total") > 0.0,
+            metric_sum(&metrics, "cellosign_bridge_broker_returns_total") > 0.0,
             "returns not counted"
         );
         drop(consumer);
@@ -374,4 +369,149 @@ async fn an_unroutable_reference_does_not_hold_back_the_others() {
             .await;
     })
     .await;
+}
+
+const TYPE: &str = "WHEF_SESSION_CREATED";
+const NACKS: &str = "cellosign_bridge_broker_nacks_total";
+const RETURNS: &str = "cellosign_bridge_broker_returns_total";
+const UNAVAILABLE: &str = r#"cellosign_bridge_events_rejected_total{reason="broker_unavailable"}"#;
+
+/// The message ids of deliveries.
+fn ids(got: &[lapin::message::Delivery]) -> Vec<String> {
+    got.iter()
+        .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_mode_answers_503_when_a_full_queue_nacks_and_counts_each_nack() {
+    bounded(async {
+        let app = spawn_app(AckMode::Confirmed, |_| {}).await;
+        app.wait_ready(true, Duration::from_secs(20)).await;
+        let exchange = app.settings.amqp.exchange.clone();
+        let broker = Broker::connect(&amqp_url()).await;
+        let queue = unique("full.confirmed");
+        full_queue(&broker, &exchange, &queue, 1).await;
+        assert_eq!(app.metric(NACKS).await, 0.0);
+
+        let first = app.post_json(&event_body(TYPE, "s-full", "full", 1)).await;
+        assert_eq!(first.code, 200, "the queue had room: {first:?}");
+        for n in 2..5 {
+            let refused = app.post_json(&event_body(TYPE, "s-full", "full", n)).await;
+            assert_eq!(refused.code, 503, "a nacked publish answered {refused:?}");
+        }
+        assert_eq!(app.metric(NACKS).await, 3.0, "one nack per refused publish");
+        assert_eq!(app.metric(UNAVAILABLE).await, 3.0);
+        assert_eq!(app.metric(RETURNS).await, 0.0, "a nack is no return");
+
+        let mut consumer = broker.consume(&queue).await;
+        let got = take(&mut consumer, 1, Duration::from_secs(10)).await;
+        assert_eq!(ids(&got), vec![message_id(TYPE, "s-full", 1)]);
+        assert_quiet(&mut consumer, Duration::from_millis(500)).await;
+        drop(consumer);
+        delete_queue(&broker, &queue).await;
+        app.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_mode_answers_503_for_an_unbound_key_without_declare_and_counts_each_return() {
+    bounded(async {
+        let exchange = unique("unbound");
+        let queue = unique("unbound.q");
+        let broker = Broker::connect(&amqp_url()).await;
+        operators_exchange(&broker, &exchange, &queue).await;
+        let app = spawn_app(AckMode::Confirmed, |s| {
+            s.amqp.declare = false;
+            s.amqp.exchange = exchange.clone();
+        })
+        .await;
+        app.wait_ready(true, Duration::from_secs(20)).await;
+        assert_eq!(app.metric(RETURNS).await, 0.0);
+        for n in 0..3 {
+            let refused = app.post_json(&event_body(TYPE, "s-unb", "bad.1", n)).await;
+            assert_eq!(refused.code, 503, "a returned publish answered {refused:?}");
+        }
+        assert_eq!(app.metric(RETURNS).await, 3.0, "one return per publish");
+        assert_eq!(app.metric(UNAVAILABLE).await, 3.0);
+        assert_eq!(app.metric(NACKS).await, 0.0, "a return is no nack");
+        let routed = app.post_json(&event_body(TYPE, "s-unb", "ok.1", 9)).await;
+        assert_eq!(routed.code, 200, "{routed:?}");
+        assert_eq!(app.metric(RETURNS).await, 3.0);
+
+        let mut consumer = broker.consume(&queue).await;
+        let got = take(&mut consumer, 1, Duration::from_secs(10)).await;
+        assert_eq!(ids(&got), vec![message_id(TYPE, "s-unb", 9)]);
+        drop(consumer);
+        delete_queue(&broker, &queue).await;
+        app.stop().await;
+        let _ = broker
+            .channel
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await;
+    })
+    .await;
+}
+
+/// With the path to the broker black-holed, a request is answered within
+/// `amqp.publish_timeout_ms` + 1 s: 503 in `confirmed` mode, "0" in `spooled`
+/// mode (the spool holds it); once the path is back, the bridge publishes again.
+async fn black_holed(mode: AckMode) {
+    const PUBLISH_TIMEOUT_MS: u64 = 1000;
+    let proxy = TcpProxy::to_port(5672).await.expect("proxy");
+    let app = spawn_app(mode, |s| {
+        s.amqp.urls = vec![proxy.amqp_url().into()];
+        s.amqp.publish_timeout_ms = PUBLISH_TIMEOUT_MS;
+        s.amqp.reconnect_initial_ms = 50;
+        s.amqp.reconnect_max_ms = 500;
+    })
+    .await;
+    app.wait_ready(true, Duration::from_secs(20)).await;
+    let exchange = app.settings.amqp.exchange.clone();
+    let broker = Broker::connect(&amqp_url()).await;
+    let mut consumer = broker.subscribe(&exchange, "#").await;
+
+    proxy.cut(CutMode::Blackhole).await;
+    let bound = Duration::from_millis(PUBLISH_TIMEOUT_MS) + Duration::from_secs(1);
+    let started = Instant::now();
+    let answer = app.post_json(&event_body(TYPE, "s-hole", "hole", 1)).await;
+    let took = started.elapsed();
+    assert!(
+        took <= bound,
+        "{mode:?}: answered {} after {took:?}, more than publish_timeout_ms + 1 s",
+        answer.code
+    );
+    let expected = match mode {
+        AckMode::Confirmed => 503,
+        AckMode::Spooled => 200,
+    };
+    assert_eq!(answer.code, expected, "{mode:?}: {answer:?}");
+
+    proxy.restore();
+    app.wait_ready(true, Duration::from_secs(30)).await;
+    let again = app.post_json(&event_body(TYPE, "s-hole", "hole", 2)).await;
+    assert_eq!(
+        again.code, 200,
+        "{mode:?} after the path is back: {again:?}"
+    );
+    let mut wanted = vec![message_id(TYPE, "s-hole", 2)];
+    if mode == AckMode::Spooled {
+        wanted.insert(0, message_id(TYPE, "s-hole", 1));
+    }
+    let got = take(&mut consumer, wanted.len(), Duration::from_secs(30)).await;
+    assert_eq!(ids(&got), wanted, "{mode:?}");
+    assert_quiet(&mut consumer, Duration::from_millis(500)).await;
+    drop(consumer);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_path_is_answered_503_within_the_publish_timeout_in_confirmed_mode() {
+    bounded(black_holed(AckMode::Confirmed)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_path_is_answered_at_once_from_the_spool_in_spooled_mode() {
+    bounded(black_holed(AckMode::Spooled)).await;
 }

@@ -124,7 +124,7 @@ impl Drop for TestApp {
             let _ = tx.send(());
         }
         task.abort();
-        let url = self.settings.amqp.urls[0].expose().to_string();
+        let urls = self.broker_urls();
         let exchange = self.settings.amqp.exchange.clone();
         let cleaner = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
@@ -134,7 +134,7 @@ impl Drop for TestApp {
                 return;
             };
             runtime.block_on(async {
-                let _ = tokio::time::timeout(STOP_LIMIT, cleanup_on(&url, &exchange)).await;
+                let _ = tokio::time::timeout(STOP_LIMIT, cleanup_on(&urls, &exchange)).await;
             });
         });
         // Bounded by STOP_LIMIT inside; join so that the cleanup is done when the test ends.
@@ -142,18 +142,22 @@ impl Drop for TestApp {
     }
 }
 
-/// Removes what a bridge with `exchange` declared on the broker at `url`, if it can connect.
-async fn cleanup_on(url: &str, exchange: &str) {
-    let connect = Connection::connect(url, ConnectionProperties::default());
-    if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await
-        && let Ok(channel) = connection.create_channel().await
-    {
-        Broker {
-            connection,
-            channel,
+/// Removes what a bridge with `exchange` declared, on the first of `urls` it can
+/// connect to.
+async fn cleanup_on(urls: &[String], exchange: &str) {
+    for url in urls {
+        let connect = Connection::connect(url, ConnectionProperties::default());
+        if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await
+            && let Ok(channel) = connection.create_channel().await
+        {
+            Broker {
+                connection,
+                channel,
+            }
+            .cleanup(exchange)
+            .await;
+            return;
         }
-        .cleanup(exchange)
-        .await;
     }
 }
 
@@ -196,6 +200,52 @@ pub struct Answer {
 }
 
 impl TestApp {
+    /// The broker URLs of its settings, in order.
+    fn broker_urls(&self) -> Vec<String> {
+        self.settings
+            .amqp
+            .urls
+            .iter()
+            .map(|u| u.expose().to_string())
+            .collect()
+    }
+
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let (code, text) = self.admin_get("/metrics").await;
+        assert_eq!(code, 200, "/metrics: {text}");
+        text
+    }
+
+    /// The value of one exact series of `/metrics` (see [`series_value`]); 0 when the
+    /// series is absent, as a labelled counter is until its first increment.
+    pub async fn metric(&self, series: &str) -> f64 {
+        series_value(&self.metrics().await, series).unwrap_or(0.0)
+    }
+
+    /// Polls the series until `wanted` holds for its value, at most `within`;
+    /// returns the value.
+    pub async fn wait_metric(
+        &self,
+        series: &str,
+        within: Duration,
+        wanted: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let text = self.metrics().await;
+            let value = series_value(&text, series).unwrap_or(0.0);
+            if wanted(value) {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} is {value} after {within:?}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The webhook URL.
     pub fn url(&self) -> String {
         format!("http://{}{}", self.http, self.settings.http.path)
@@ -264,13 +314,42 @@ impl TestApp {
                 }
             };
         }
-        let url = self.settings.amqp.urls[0].expose().to_string();
+        let urls = self.broker_urls();
         let _ =
-            tokio::time::timeout(STOP_LIMIT, cleanup_on(&url, &self.settings.amqp.exchange)).await;
+            tokio::time::timeout(STOP_LIMIT, cleanup_on(&urls, &self.settings.amqp.exchange)).await;
         if let Some(failed) = failed {
             panic!("{failed}");
         }
     }
+}
+
+/// The value of the series `series` in OpenMetrics text: a metric name with its
+/// labels exactly as rendered, e.g. `cellosign_bridge_broker_connected` or
+/// `cellosign_bridge_events_rejected_total{reason="unauthorized"}`; None if absent.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| match l.rsplit_once(' ') {
+            Some((name, value)) if name == series => value.parse().ok(),
+            _ => None,
+        })
+}
+
+/// The sum of every series of the metric `name` over its labels (`name` and
+/// `name{...}` lines; not `name_bucket` and the like).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            if metric == name {
+                value.parse::<f64>().ok()
+            } else {
+                None
+            }
+        })
+        .sum()
 }
 
 /// Parses any bridge answer, checking the invariants every answer has.
