@@ -1,6 +1,7 @@
 //! The operating surface: auth, limits, timeouts, TLS, admin endpoints, metrics, tail.
 
 mod common;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -10,6 +11,8 @@ use cellosign_bridge::AckMode;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use support::tcp_proxy::{CutMode, TcpProxy};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -424,6 +427,132 @@ async fn tail_prints_events_posted_through_the_bridge() {
         assert_eq!(
             v["body"],
             serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        );
+        app.stop().await;
+    })
+    .await;
+}
+
+const CONFIRMS: &str = "cellosign_bridge_publish_confirm_seconds_count";
+const CONNECTED: &str = "cellosign_bridge_broker_connected";
+const RECONNECTS: &str = "cellosign_bridge_broker_reconnects_total";
+const SPOOL_EVENTS: &str = "cellosign_bridge_spool_events";
+const SPOOL_BYTES: &str = "cellosign_bridge_spool_bytes";
+
+/// Each confirmed publish is one observation of the confirm histogram.
+async fn confirms_observed(mode: AckMode) {
+    let app = spawn_app(mode, |_| {}).await;
+    app.wait_ready(true, WAIT).await;
+    let broker = Broker::connect(&amqp_url()).await;
+    let mut consumer = broker.subscribe(&app.settings.amqp.exchange, "#").await;
+    assert_eq!(
+        app.metric(CONFIRMS).await,
+        0.0,
+        "{mode:?}: nothing published yet"
+    );
+    for n in 0..3 {
+        let body = event_body("WHEF_SESSION_CREATED", "s-hist", "r-hist", n);
+        assert_eq!(app.post_json(&body).await.code, 200);
+    }
+    take(&mut consumer, 3, WAIT).await;
+    app.wait_metric(CONFIRMS, WAIT, |v| v == 3.0).await;
+    let sum = app
+        .metric("cellosign_bridge_publish_confirm_seconds_sum")
+        .await;
+    assert!(sum > 0.0, "{mode:?}: three confirms took no time at all");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_publish_moves_the_confirm_histogram_in_spooled_mode() {
+    bounded(confirms_observed(AckMode::Spooled)).await;
+}
+
+#[tokio::test]
+async fn a_publish_moves_the_confirm_histogram_in_confirmed_mode() {
+    bounded(confirms_observed(AckMode::Confirmed)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_flips_broker_connected_counts_a_reconnect_and_the_spool_gauges_follow() {
+    bounded(async {
+        let proxy = TcpProxy::to_port(5672).await.expect("proxy");
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.amqp.urls = vec![proxy.amqp_url().into()];
+            s.amqp.reconnect_initial_ms = 50;
+            s.amqp.reconnect_max_ms = 500;
+        })
+        .await;
+        app.wait_ready(true, WAIT).await;
+        assert_eq!(app.metric(CONNECTED).await, 1.0);
+        assert_eq!(app.metric(RECONNECTS).await, 0.0, "the first connection");
+        assert_eq!(app.metric(SPOOL_EVENTS).await, 0.0);
+        assert_eq!(app.metric(SPOOL_BYTES).await, 0.0);
+        let broker = Broker::connect(&amqp_url()).await;
+        let mut consumer = broker.subscribe(&app.settings.amqp.exchange, "#").await;
+
+        proxy.cut(CutMode::Refuse).await;
+        app.wait_metric(CONNECTED, WAIT, |v| v == 0.0).await;
+        let mut bytes = 0;
+        for n in 0..3 {
+            let body = event_body("WHEF_SESSION_CREATED", "s-out", "r-out", n);
+            bytes += body.len();
+            assert_eq!(app.post_json(&body).await.code, 200);
+        }
+        assert_eq!(app.metric(SPOOL_EVENTS).await, 3.0, "the spool holds 3");
+        let spooled = app.metric(SPOOL_BYTES).await;
+        assert!(
+            spooled >= bytes as f64,
+            "spool_bytes {spooled} below the {bytes} bytes of the 3 bodies"
+        );
+        assert_eq!(app.metric(RECONNECTS).await, 0.0, "no connection yet");
+
+        proxy.restore();
+        app.wait_metric(CONNECTED, WAIT, |v| v == 1.0).await;
+        assert_eq!(app.metric(RECONNECTS).await, 1.0, "one reconnect");
+        take(&mut consumer, 3, WAIT).await;
+        app.wait_metric(SPOOL_EVENTS, WAIT, |v| v == 0.0).await;
+        assert_eq!(app.metric(SPOOL_BYTES).await, 0.0, "the spool is empty");
+        app.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refusals_are_counted_by_reason() {
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |_| {}).await;
+        assert_eq!(app.post_json("{").await.code, 400);
+        assert_eq!(app.post_json("[1").await.code, 400);
+        assert_eq!(app.post_json("[]").await.code, 422);
+        let text = event_body("WHEF_SESSION_CREATED", "s-r", "r", 1);
+        assert_eq!(app.post(text, Some("text/plain")).await.code, 415);
+        let got = app.client.get(app.url()).send().await.expect("GET");
+        assert_eq!(got.status().as_u16(), 405);
+        let elsewhere = format!("http://{}/elsewhere", app.http);
+        let got = app.client.post(elsewhere).send().await.expect("POST");
+        assert_eq!(got.status().as_u16(), 404);
+
+        let metrics = app.metrics().await;
+        let rejected = |reason: &str| {
+            series_value(
+                &metrics,
+                &format!("cellosign_bridge_events_rejected_total{{reason=\"{reason}\"}}"),
+            )
+        };
+        assert_eq!(rejected("malformed_json"), Some(2.0), "{metrics}");
+        assert_eq!(rejected("not_object"), Some(1.0), "{metrics}");
+        assert_eq!(rejected("content_type"), Some(1.0), "{metrics}");
+        assert_eq!(rejected("method"), Some(1.0), "{metrics}");
+        assert_eq!(rejected("not_found"), Some(1.0), "{metrics}");
+        assert_eq!(
+            metric_sum(&metrics, "cellosign_bridge_events_rejected_total"),
+            6.0,
+            "each refusal counted once, under one reason:\n{metrics}"
+        );
+        assert_eq!(
+            metric_sum(&metrics, "cellosign_bridge_events_accepted_total"),
+            0.0
         );
         app.stop().await;
     })
