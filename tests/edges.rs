@@ -18,9 +18,7 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn ids_delivered(consumer: &mut lapin::Consumer, n: usize) -> Vec<String> {
     let got = take(consumer, n, WAIT).await;
     assert_quiet(consumer, Duration::from_millis(700)).await;
-    got.iter()
-        .filter_map(|d| d.properties.message_id().as_ref().map(|m| m.to_string()))
-        .collect()
+    message_ids(&got)
 }
 
 #[tokio::test]

@@ -88,13 +88,6 @@ async fn operators_exchange(broker: &Broker, exchange: &str, queue: &str) {
         .expect("bind");
 }
 
-async fn delete_queue(broker: &Broker, name: &str) {
-    let _ = broker
-        .channel
-        .queue_delete(name.into(), Default::default())
-        .await;
-}
-
 /// The message ids in the order of their first delivery.
 fn first_copies(ids: &[String]) -> Vec<String> {
     let mut seen = HashSet::new();
@@ -171,7 +164,7 @@ async fn order_holds_when_a_full_queue_nacks() {
             );
         }
         drop(consumer);
-        delete_queue(&broker, &queue).await;
+        broker.delete_queue(&queue).await;
         app.stop().await;
     })
     .await;
@@ -226,7 +219,7 @@ async fn a_broker_that_keeps_refusing_costs_little_cpu_and_every_nack_is_counted
             "the bridge used {used:?} of CPU in 4 s while the broker refused (more than 10% of a core)"
         );
         drop(bridge);
-        delete_queue(&broker, &queue).await;
+        broker.delete_queue(&queue).await;
         broker.cleanup(&exchange).await;
     })
     .await;
@@ -297,14 +290,13 @@ async fn confirmed_mode_answers_each_request_by_its_own_publish() {
             "routable events not answered \"0\": {refused:?}"
         );
         let mut consumer = broker.consume(&queue).await;
-        let got: BTreeSet<String> = take(&mut consumer, ok_ids.len(), Duration::from_secs(30))
-            .await
-            .iter()
-            .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string()))
-            .collect();
+        let got: BTreeSet<String> =
+            message_ids(&take(&mut consumer, ok_ids.len(), Duration::from_secs(30)).await)
+                .into_iter()
+                .collect();
         assert_eq!(got, ok_ids);
         drop(consumer);
-        delete_queue(&broker, &queue).await;
+        broker.delete_queue(&queue).await;
         if let Ok(app) = Arc::try_unwrap(app) {
             app.stop().await;
         }
@@ -349,11 +341,7 @@ async fn an_unroutable_reference_does_not_hold_back_the_others() {
             expected.push(message_id("WHEF_SESSION_CREATED", "s-ok", n));
         }
         let mut consumer = broker.consume(&queue).await;
-        let got: Vec<String> = take(&mut consumer, expected.len(), Duration::from_secs(30))
-            .await
-            .iter()
-            .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string()))
-            .collect();
+        let got = message_ids(&take(&mut consumer, expected.len(), Duration::from_secs(30)).await);
         assert_eq!(first_copies(&got), expected);
         let (_, metrics) = app.admin_get("/metrics").await;
         assert!(
@@ -361,7 +349,7 @@ async fn an_unroutable_reference_does_not_hold_back_the_others() {
             "returns not counted"
         );
         drop(consumer);
-        delete_queue(&broker, &queue).await;
+        broker.delete_queue(&queue).await;
         app.stop().await;
         let _ = broker
             .channel
@@ -375,13 +363,6 @@ const TYPE: &str = "WHEF_SESSION_CREATED";
 const NACKS: &str = "cellosign_bridge_broker_nacks_total";
 const RETURNS: &str = "cellosign_bridge_broker_returns_total";
 const UNAVAILABLE: &str = r#"cellosign_bridge_events_rejected_total{reason="broker_unavailable"}"#;
-
-/// The message ids of deliveries.
-fn ids(got: &[lapin::message::Delivery]) -> Vec<String> {
-    got.iter()
-        .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string()))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_mode_answers_503_when_a_full_queue_nacks_and_counts_each_nack() {
@@ -406,10 +387,10 @@ async fn confirmed_mode_answers_503_when_a_full_queue_nacks_and_counts_each_nack
 
         let mut consumer = broker.consume(&queue).await;
         let got = take(&mut consumer, 1, Duration::from_secs(10)).await;
-        assert_eq!(ids(&got), vec![message_id(TYPE, "s-full", 1)]);
+        assert_eq!(message_ids(&got), vec![message_id(TYPE, "s-full", 1)]);
         assert_quiet(&mut consumer, Duration::from_millis(500)).await;
         drop(consumer);
-        delete_queue(&broker, &queue).await;
+        broker.delete_queue(&queue).await;
         app.stop().await;
     })
     .await;
@@ -442,9 +423,9 @@ async fn confirmed_mode_answers_503_for_an_unbound_key_without_declare_and_count
 
         let mut consumer = broker.consume(&queue).await;
         let got = take(&mut consumer, 1, Duration::from_secs(10)).await;
-        assert_eq!(ids(&got), vec![message_id(TYPE, "s-unb", 9)]);
+        assert_eq!(message_ids(&got), vec![message_id(TYPE, "s-unb", 9)]);
         drop(consumer);
-        delete_queue(&broker, &queue).await;
+        broker.delete_queue(&queue).await;
         app.stop().await;
         let _ = broker
             .channel
@@ -500,7 +481,7 @@ async fn black_holed(mode: AckMode) {
         wanted.insert(0, message_id(TYPE, "s-hole", 1));
     }
     let got = take(&mut consumer, wanted.len(), Duration::from_secs(30)).await;
-    assert_eq!(ids(&got), wanted, "{mode:?}");
+    assert_eq!(message_ids(&got), wanted, "{mode:?}");
     assert_quiet(&mut consumer, Duration::from_millis(500)).await;
     drop(consumer);
     app.stop().await;

@@ -515,6 +515,14 @@ impl Broker {
         found
     }
 
+    /// Deletes `queue`, if it exists.
+    pub async fn delete_queue(&self, queue: &str) {
+        let _ = self
+            .channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+    }
+
     /// Removes what a test's bridge declared.
     pub async fn cleanup(&self, exchange: &str) {
         let unrouted = format!("{exchange}.unrouted");
@@ -554,6 +562,14 @@ pub async fn take(consumer: &mut Consumer, n: usize, within: Duration) -> Vec<De
         }
     }
     out
+}
+
+/// The message ids of `deliveries`, in order.
+pub fn message_ids(deliveries: &[Delivery]) -> Vec<String> {
+    deliveries
+        .iter()
+        .filter_map(|d| d.properties.message_id().as_ref().map(|m| m.to_string()))
+        .collect()
 }
 
 /// Asserts that nothing more arrives for `quiet`.
