@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use support::bridge_process::BridgeProcess;
+use support::rabbit_node::RabbitNode;
 use support::tcp_proxy::{CutMode, TcpProxy};
 
 /// A classic queue that holds at most `max` messages and nacks publishes beyond
@@ -495,4 +496,67 @@ async fn a_black_holed_path_is_answered_503_within_the_publish_timeout_in_confir
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_path_is_answered_at_once_from_the_spool_in_spooled_mode() {
     bounded(black_holed(AckMode::Spooled)).await;
+}
+
+/// A broker that withholds the confirm of a publish on a live connection (a
+/// memory alarm blocks it): `confirmed` mode answers 503 within
+/// `amqp.publish_timeout_ms` + 1 s, and "0" again once the alarm clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_mode_answers_503_within_the_publish_timeout_while_an_alarm_withholds_the_confirm()
+ {
+    bounded(async {
+        const PUBLISH_TIMEOUT_MS: u64 = 1000;
+        let node = RabbitNode::start().await.expect("private RabbitMQ node");
+        let app = spawn_app(AckMode::Confirmed, |s| {
+            s.amqp.urls = vec![node.amqp_url().into()];
+            s.amqp.publish_timeout_ms = PUBLISH_TIMEOUT_MS;
+            s.amqp.reconnect_initial_ms = 50;
+            s.amqp.reconnect_max_ms = 500;
+        })
+        .await;
+        app.wait_ready(true, Duration::from_secs(30)).await;
+        let broker = Broker::connect(&node.amqp_url()).await;
+        let mut consumer = broker.subscribe(&app.settings.amqp.exchange, "#").await;
+        let before = app
+            .post_json(&event_body(TYPE, "s-alarm", "alarm", 1))
+            .await;
+        assert_eq!(before.code, 200, "{before:?}");
+
+        node.set_memory_alarm(true).await.expect("memory alarm on");
+        let bound = Duration::from_millis(PUBLISH_TIMEOUT_MS) + Duration::from_secs(1);
+        let started = Instant::now();
+        let blocked = app
+            .post_json(&event_body(TYPE, "s-alarm", "alarm", 2))
+            .await;
+        let took = started.elapsed();
+        assert_eq!(blocked.code, 503, "{blocked:?}");
+        assert!(
+            took <= bound,
+            "answered 503 after {took:?}, more than publish_timeout_ms + 1 s"
+        );
+
+        node.set_memory_alarm(false)
+            .await
+            .expect("memory alarm off");
+        app.wait_ready(true, Duration::from_secs(30)).await;
+        let after = app
+            .post_json(&event_body(TYPE, "s-alarm", "alarm", 3))
+            .await;
+        assert_eq!(after.code, 200, "{after:?}");
+        // The blocked publish may land once the alarm clears (its caller was told to
+        // retry: a duplicate, never a loss); 1 and 3 must be there.
+        let mut got = BTreeSet::new();
+        let wanted = BTreeSet::from([
+            message_id(TYPE, "s-alarm", 1),
+            message_id(TYPE, "s-alarm", 3),
+        ]);
+        while !wanted.is_subset(&got) {
+            got.extend(message_ids(
+                &take(&mut consumer, 1, Duration::from_secs(30)).await,
+            ));
+        }
+        drop(consumer);
+        app.stop().await;
+    })
+    .await;
 }
