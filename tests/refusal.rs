@@ -436,39 +436,56 @@ async fn confirmed_mode_answers_503_for_an_unbound_key_without_declare_and_count
     .await;
 }
 
-/// With the path to the broker black-holed, a request is answered within
-/// `amqp.publish_timeout_ms` + 1 s: 503 in `confirmed` mode, "0" in `spooled`
-/// mode (the spool holds it); once the path is back, the bridge publishes again.
-async fn black_holed(mode: AckMode) {
-    const PUBLISH_TIMEOUT_MS: u64 = 1000;
-    let proxy = TcpProxy::to_port(5672).await.expect("proxy");
+/// The publish timeout of the tests that time an answer.
+const PUBLISH_TIMEOUT_MS: u64 = 1000;
+
+/// An app on the broker at `url` with a publish timeout of [`PUBLISH_TIMEOUT_MS`]
+/// and quick reconnects, ready and connected.
+async fn short_timeout_app(mode: AckMode, url: String) -> TestApp {
     let app = spawn_app(mode, |s| {
-        s.amqp.urls = vec![proxy.amqp_url().into()];
+        s.amqp.urls = vec![url.into()];
         s.amqp.publish_timeout_ms = PUBLISH_TIMEOUT_MS;
         s.amqp.reconnect_initial_ms = 50;
         s.amqp.reconnect_max_ms = 500;
     })
     .await;
-    app.wait_ready(true, Duration::from_secs(20)).await;
+    app.wait_ready(true, Duration::from_secs(30)).await;
+    app
+}
+
+/// Posts event `n` of session `s-{tag}` and asserts it is answered `code` within
+/// `amqp.publish_timeout_ms` + 1 s.
+async fn answered_in_time(app: &TestApp, tag: &str, n: u64, code: u16) {
+    let bound = Duration::from_millis(PUBLISH_TIMEOUT_MS) + Duration::from_secs(1);
+    let started = Instant::now();
+    let answer = app
+        .post_json(&event_body(TYPE, &format!("s-{tag}"), tag, n))
+        .await;
+    let took = started.elapsed();
+    assert!(
+        took <= bound,
+        "{tag}: answered {} after {took:?}, more than publish_timeout_ms + 1 s",
+        answer.code
+    );
+    assert_eq!(answer.code, code, "{tag}: {answer:?}");
+}
+
+/// With the path to the broker black-holed, a request is answered within
+/// `amqp.publish_timeout_ms` + 1 s: 503 in `confirmed` mode, "0" in `spooled`
+/// mode (the spool holds it); once the path is back, the bridge publishes again.
+async fn black_holed(mode: AckMode) {
+    let proxy = TcpProxy::to_port(5672).await.expect("proxy");
+    let app = short_timeout_app(mode, proxy.amqp_url()).await;
     let exchange = app.settings.amqp.exchange.clone();
     let broker = Broker::connect(&amqp_url()).await;
     let mut consumer = broker.subscribe(&exchange, "#").await;
 
     proxy.cut(CutMode::Blackhole).await;
-    let bound = Duration::from_millis(PUBLISH_TIMEOUT_MS) + Duration::from_secs(1);
-    let started = Instant::now();
-    let answer = app.post_json(&event_body(TYPE, "s-hole", "hole", 1)).await;
-    let took = started.elapsed();
-    assert!(
-        took <= bound,
-        "{mode:?}: answered {} after {took:?}, more than publish_timeout_ms + 1 s",
-        answer.code
-    );
     let expected = match mode {
         AckMode::Confirmed => 503,
         AckMode::Spooled => 200,
     };
-    assert_eq!(answer.code, expected, "{mode:?}: {answer:?}");
+    answered_in_time(&app, "hole", 1, expected).await;
 
     proxy.restore();
     app.wait_ready(true, Duration::from_secs(30)).await;
@@ -505,35 +522,14 @@ async fn a_black_holed_path_is_answered_at_once_from_the_spool_in_spooled_mode()
 async fn confirmed_mode_answers_503_within_the_publish_timeout_while_an_alarm_withholds_the_confirm()
  {
     bounded(async {
-        const PUBLISH_TIMEOUT_MS: u64 = 1000;
         let node = RabbitNode::start().await.expect("private RabbitMQ node");
-        let app = spawn_app(AckMode::Confirmed, |s| {
-            s.amqp.urls = vec![node.amqp_url().into()];
-            s.amqp.publish_timeout_ms = PUBLISH_TIMEOUT_MS;
-            s.amqp.reconnect_initial_ms = 50;
-            s.amqp.reconnect_max_ms = 500;
-        })
-        .await;
-        app.wait_ready(true, Duration::from_secs(30)).await;
+        let app = short_timeout_app(AckMode::Confirmed, node.amqp_url()).await;
         let broker = Broker::connect(&node.amqp_url()).await;
         let mut consumer = broker.subscribe(&app.settings.amqp.exchange, "#").await;
-        let before = app
-            .post_json(&event_body(TYPE, "s-alarm", "alarm", 1))
-            .await;
-        assert_eq!(before.code, 200, "{before:?}");
+        answered_in_time(&app, "alarm", 1, 200).await;
 
         node.set_memory_alarm(true).await.expect("memory alarm on");
-        let bound = Duration::from_millis(PUBLISH_TIMEOUT_MS) + Duration::from_secs(1);
-        let started = Instant::now();
-        let blocked = app
-            .post_json(&event_body(TYPE, "s-alarm", "alarm", 2))
-            .await;
-        let took = started.elapsed();
-        assert_eq!(blocked.code, 503, "{blocked:?}");
-        assert!(
-            took <= bound,
-            "answered 503 after {took:?}, more than publish_timeout_ms + 1 s"
-        );
+        answered_in_time(&app, "alarm", 2, 503).await;
 
         node.set_memory_alarm(false)
             .await
