@@ -14,13 +14,6 @@ const TOKEN: &str = "order-token";
 /// The body timeout the apps run with; an answer decided from the head comes long before.
 const BODY_TIMEOUT_MS: u64 = 10_000;
 
-/// A hung test fails with a message instead of holding CI.
-async fn bounded(test: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(Duration::from_secs(120), test)
-        .await
-        .expect("test did not finish within 120 s");
-}
-
 /// Sends `request` as is on a new connection and returns the status code and the
 /// whole answer; the request asks the server to close after answering.
 async fn raw(app: &TestApp, request: &str) -> (u16, String) {

@@ -23,7 +23,7 @@ use lapin::options::{BasicAckOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use tokio::time::Instant;
 
-use common::{Broker, TestApp, event_body, message_id, spawn_app, unique};
+use common::{Broker, TestApp, bounded_within, event_body, message_id, spawn_app, unique};
 use support::rabbit_node::{RabbitCluster, RabbitNode};
 
 /// Taken for writing by the cluster test, for reading by the single-node tests.
@@ -158,6 +158,7 @@ async fn send_until_stopped(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_failover_loses_nothing() {
+    bounded_within(Duration::from_secs(420), async {
     let _alone = HEAVY.write().await;
     let mut cluster =
         RabbitCluster::start_with(3, RabbitNode::builder().start_timeout(NODE_START_TIMEOUT))
@@ -319,184 +320,192 @@ async fn cluster_failover_loses_nothing() {
     drop(consumer);
     let _ = broker.connection.close(200, "done".into()).await;
     app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn partitions_keep_each_reference_in_one_queue_in_order() {
-    let _shared = HEAVY.read().await;
-    let node = RabbitNode::builder()
-        .plugins(&[PLUGIN])
-        .start_timeout(NODE_START_TIMEOUT)
-        .start()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    const PARTITIONS: u16 = 4;
-    let app = spawn_app(AckMode::Confirmed, |s| {
-        s.amqp.urls = vec![node.amqp_url().into()];
-        s.amqp.partitions = PARTITIONS;
-        s.amqp.queues = Vec::new();
+    bounded_within(Duration::from_secs(420), async {
+        let _shared = HEAVY.read().await;
+        let node = RabbitNode::builder()
+            .plugins(&[PLUGIN])
+            .start_timeout(NODE_START_TIMEOUT)
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        const PARTITIONS: u16 = 4;
+        let app = spawn_app(AckMode::Confirmed, |s| {
+            s.amqp.urls = vec![node.amqp_url().into()];
+            s.amqp.partitions = PARTITIONS;
+            s.amqp.queues = Vec::new();
+        })
+        .await;
+        app.wait_ready(false, Duration::from_secs(60)).await;
+        let exchange = app.settings.amqp.exchange.clone();
+
+        let tag = unique("part");
+        let sessions: Vec<(String, String)> = (0..20)
+            .map(|r| (format!("s{r}-{tag}"), format!("ref{r}-{tag}")))
+            .collect();
+        let mut n = 0u64;
+        for _round in 0..5 {
+            for (session_id, reference) in &sessions {
+                n += 1;
+                let a = app
+                    .post_json(&event_body(EVENT_TYPE, session_id, reference, n))
+                    .await;
+                assert_eq!(a.code, 200, "#{n}: {}", a.errordesc);
+            }
+        }
+        let total = n as usize;
+
+        let broker = Broker::connect(&node.amqp_url()).await;
+        let mut consumers = Vec::new();
+        for i in 0..PARTITIONS {
+            let consumer = broker.consume(&partition_queue(&exchange, i)).await;
+            consumers.push(consumer.map(move |d| (i, d)));
+        }
+        let mut all = futures_util::stream::select_all(consumers);
+        let mut got: Vec<(u16, Seen)> = Vec::new();
+        let within = Duration::from_secs(30);
+        let deadline = Instant::now() + within;
+        while got.len() < total {
+            match tokio::time::timeout_at(deadline, all.next()).await {
+                Ok(Some((i, Ok(d)))) => {
+                    d.ack(BasicAckOptions::default()).await.expect("ack");
+                    got.push((i, seen(&d)));
+                }
+                Ok(Some((i, Err(e)))) => panic!("consumer of p{i}: {e}"),
+                Ok(None) => panic!("consumers ended after {} of {total}", got.len()),
+                Err(_) => panic!(
+                    "only {} of {total} events reached the partition queues within {within:?}",
+                    got.len()
+                ),
+            }
+        }
+        if let Ok(Some((i, d))) = tokio::time::timeout(Duration::from_secs(1), all.next()).await {
+            panic!(
+                "more than {total} events in the partitions: p{i} {:?}",
+                d.map(|d| seen(&d))
+            );
+        }
+        let ids: HashSet<&str> = got.iter().map(|(_, s)| s.message_id.as_str()).collect();
+        assert_eq!(ids.len(), total, "each event exactly once");
+
+        let mut by_reference: BTreeMap<&str, (HashSet<u16>, Vec<u64>)> = BTreeMap::new();
+        for (i, s) in &got {
+            let (partitions, numbers) = by_reference.entry(s.reference.as_str()).or_default();
+            partitions.insert(*i);
+            numbers.push(s.transaction_number);
+        }
+        assert_eq!(
+            by_reference.len(),
+            sessions.len(),
+            "every reference arrived"
+        );
+        let mut used = HashSet::new();
+        for (reference, (partitions, numbers)) in &by_reference {
+            assert_eq!(
+                partitions.len(),
+                1,
+                "{reference} is spread over partitions {partitions:?}"
+            );
+            used.extend(partitions.iter().copied());
+            assert_eq!(numbers.len(), 5, "{reference}: {numbers:?}");
+            assert!(
+                numbers.windows(2).all(|w| w[0] < w[1]),
+                "events of {reference} out of order in its partition: {numbers:?}"
+            );
+        }
+        assert!(
+            used.len() > 1,
+            "20 references hash onto more than one of {PARTITIONS} partitions; used {used:?}"
+        );
+        // Everything was routed by the partitions; nothing fell through to the alternate exchange.
+        let unrouted = broker
+            .channel
+            .queue_declare(
+                unrouted_name(&exchange).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the unrouted queue exists");
+        assert_eq!(unrouted.message_count(), 0, "nothing unrouted");
+
+        drop(all);
+        let _ = broker.connection.close(200, "done".into()).await;
+        app.stop().await;
     })
     .await;
-    app.wait_ready(false, Duration::from_secs(60)).await;
-    let exchange = app.settings.amqp.exchange.clone();
-
-    let tag = unique("part");
-    let sessions: Vec<(String, String)> = (0..20)
-        .map(|r| (format!("s{r}-{tag}"), format!("ref{r}-{tag}")))
-        .collect();
-    let mut n = 0u64;
-    for _round in 0..5 {
-        for (session_id, reference) in &sessions {
-            n += 1;
-            let a = app
-                .post_json(&event_body(EVENT_TYPE, session_id, reference, n))
-                .await;
-            assert_eq!(a.code, 200, "#{n}: {}", a.errordesc);
-        }
-    }
-    let total = n as usize;
-
-    let broker = Broker::connect(&node.amqp_url()).await;
-    let mut consumers = Vec::new();
-    for i in 0..PARTITIONS {
-        let consumer = broker.consume(&partition_queue(&exchange, i)).await;
-        consumers.push(consumer.map(move |d| (i, d)));
-    }
-    let mut all = futures_util::stream::select_all(consumers);
-    let mut got: Vec<(u16, Seen)> = Vec::new();
-    let within = Duration::from_secs(30);
-    let deadline = Instant::now() + within;
-    while got.len() < total {
-        match tokio::time::timeout_at(deadline, all.next()).await {
-            Ok(Some((i, Ok(d)))) => {
-                d.ack(BasicAckOptions::default()).await.expect("ack");
-                got.push((i, seen(&d)));
-            }
-            Ok(Some((i, Err(e)))) => panic!("consumer of p{i}: {e}"),
-            Ok(None) => panic!("consumers ended after {} of {total}", got.len()),
-            Err(_) => panic!(
-                "only {} of {total} events reached the partition queues within {within:?}",
-                got.len()
-            ),
-        }
-    }
-    if let Ok(Some((i, d))) = tokio::time::timeout(Duration::from_secs(1), all.next()).await {
-        panic!(
-            "more than {total} events in the partitions: p{i} {:?}",
-            d.map(|d| seen(&d))
-        );
-    }
-    let ids: HashSet<&str> = got.iter().map(|(_, s)| s.message_id.as_str()).collect();
-    assert_eq!(ids.len(), total, "each event exactly once");
-
-    let mut by_reference: BTreeMap<&str, (HashSet<u16>, Vec<u64>)> = BTreeMap::new();
-    for (i, s) in &got {
-        let (partitions, numbers) = by_reference.entry(s.reference.as_str()).or_default();
-        partitions.insert(*i);
-        numbers.push(s.transaction_number);
-    }
-    assert_eq!(
-        by_reference.len(),
-        sessions.len(),
-        "every reference arrived"
-    );
-    let mut used = HashSet::new();
-    for (reference, (partitions, numbers)) in &by_reference {
-        assert_eq!(
-            partitions.len(),
-            1,
-            "{reference} is spread over partitions {partitions:?}"
-        );
-        used.extend(partitions.iter().copied());
-        assert_eq!(numbers.len(), 5, "{reference}: {numbers:?}");
-        assert!(
-            numbers.windows(2).all(|w| w[0] < w[1]),
-            "events of {reference} out of order in its partition: {numbers:?}"
-        );
-    }
-    assert!(
-        used.len() > 1,
-        "20 references hash onto more than one of {PARTITIONS} partitions; used {used:?}"
-    );
-    // Everything was routed by the partitions; nothing fell through to the alternate exchange.
-    let unrouted = broker
-        .channel
-        .queue_declare(
-            unrouted_name(&exchange).as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the unrouted queue exists");
-    assert_eq!(unrouted.message_count(), 0, "nothing unrouted");
-
-    drop(all);
-    let _ = broker.connection.close(200, "done".into()).await;
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn partitions_without_the_plugin_fail_readiness_naming_it() {
-    let _shared = HEAVY.read().await;
-    let node = RabbitNode::builder()
-        .start_timeout(NODE_START_TIMEOUT)
-        .start()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.amqp.urls = vec![node.amqp_url().into()];
-        s.amqp.partitions = 2;
-        s.amqp.reconnect_initial_ms = 100;
-        s.amqp.reconnect_max_ms = 1000;
+    bounded_within(Duration::from_secs(420), async {
+        let _shared = HEAVY.read().await;
+        let node = RabbitNode::builder()
+            .start_timeout(NODE_START_TIMEOUT)
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.amqp.urls = vec![node.amqp_url().into()];
+            s.amqp.partitions = 2;
+            s.amqp.reconnect_initial_ms = 100;
+            s.amqp.reconnect_max_ms = 1000;
+        })
+        .await;
+
+        let within = Duration::from_secs(60);
+        let deadline = Instant::now() + within;
+        loop {
+            let (code, v, body) = readyz(&app).await;
+            if v["broker"]["misconfigured"] == true {
+                assert_eq!(code, 503, "a misconfigured broker fails readiness: {body}");
+                assert_eq!(v["ready"], false, "{body}");
+                assert_eq!(v["broker"]["connected"], false, "{body}");
+                assert!(body.contains(PLUGIN), "readiness names the plugin: {body}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz did not report the missing plugin within {within:?}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // The process keeps serving; events wait in the spool for an operator to fix the broker.
+        let (code, body) = app.admin_get("/healthz").await;
+        assert_eq!(code, 200, "{body}");
+        let tag = unique("noplugin");
+        for n in 1..=3 {
+            let a = app
+                .post_json(&event_body(
+                    EVENT_TYPE,
+                    &format!("s-{tag}"),
+                    &format!("ref-{tag}"),
+                    n,
+                ))
+                .await;
+            assert_eq!(a.code, 200, "spooled mode still accepts: {}", a.errordesc);
+        }
+        // Retries keep failing the same way; nothing leaves the spool.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (code, v, body) = readyz(&app).await;
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(v["broker"]["misconfigured"], true, "{body}");
+        assert!(body.contains(PLUGIN), "{body}");
+        assert_eq!(
+            v["spool"]["events"], 3,
+            "the events wait in the spool: {body}"
+        );
+
+        app.stop().await;
     })
     .await;
-
-    let within = Duration::from_secs(60);
-    let deadline = Instant::now() + within;
-    loop {
-        let (code, v, body) = readyz(&app).await;
-        if v["broker"]["misconfigured"] == true {
-            assert_eq!(code, 503, "a misconfigured broker fails readiness: {body}");
-            assert_eq!(v["ready"], false, "{body}");
-            assert_eq!(v["broker"]["connected"], false, "{body}");
-            assert!(body.contains(PLUGIN), "readiness names the plugin: {body}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz did not report the missing plugin within {within:?}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    // The process keeps serving; events wait in the spool for an operator to fix the broker.
-    let (code, body) = app.admin_get("/healthz").await;
-    assert_eq!(code, 200, "{body}");
-    let tag = unique("noplugin");
-    for n in 1..=3 {
-        let a = app
-            .post_json(&event_body(
-                EVENT_TYPE,
-                &format!("s-{tag}"),
-                &format!("ref-{tag}"),
-                n,
-            ))
-            .await;
-        assert_eq!(a.code, 200, "spooled mode still accepts: {}", a.errordesc);
-    }
-    // Retries keep failing the same way; nothing leaves the spool.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (code, v, body) = readyz(&app).await;
-    assert_eq!(code, 503, "{body}");
-    assert_eq!(v["broker"]["misconfigured"], true, "{body}");
-    assert!(body.contains(PLUGIN), "{body}");
-    assert_eq!(
-        v["spool"]["events"], 3,
-        "the events wait in the spool: {body}"
-    );
-
-    app.stop().await;
 }

@@ -295,7 +295,33 @@ fn bridge(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().expect("run the binary")
+    output_within(&mut cmd)
+}
+
+/// Runs `cmd` to its end like `Command::output`, but kills it and fails after 60 s:
+/// a command that serves instead of exiting (a broken config read as "serve")
+/// fails the test instead of hanging it.
+fn output_within(cmd: &mut Command) -> std::process::Output {
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the binary");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(out) => out.expect("the binary's output"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{cmd:?} did not exit within 60 s");
+        }
+    }
 }
 
 /// What a successful `check-config` printed, checked to show none of `secrets`.
@@ -584,12 +610,12 @@ fn bridge_env_is_read_from_the_process_environment() {
         "staging.toml",
         "[http]\npath = \"/from-staging\"\n",
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"))
-        .arg("check-config")
-        .current_dir(dir.path())
-        .env("BRIDGE_ENV", "staging")
-        .output()
-        .expect("run the binary");
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"))
+            .arg("check-config")
+            .current_dir(dir.path())
+            .env("BRIDGE_ENV", "staging"),
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -118,193 +118,211 @@ fn h2_post(
 
 #[tokio::test]
 async fn a_silent_connection_is_closed_after_the_header_timeout() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.http.header_read_timeout_ms = 300;
-        s.http.idle_timeout_ms = 5000;
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.http.header_read_timeout_ms = 300;
+            s.http.idle_timeout_ms = 5000;
+        })
+        .await;
+        let mut silent = TcpStream::connect(app.http).await.unwrap();
+        let took = closed_within(&mut silent, Duration::from_secs(5)).await;
+        let took = took.expect("a connection that sends nothing is still open after 5 s");
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_millis(1800),
+            "closed after {took:?}, header_read_timeout is 300 ms"
+        );
+        app.stop().await;
     })
     .await;
-    let mut silent = TcpStream::connect(app.http).await.unwrap();
-    let took = closed_within(&mut silent, Duration::from_secs(5)).await;
-    let took = took.expect("a connection that sends nothing is still open after 5 s");
-    assert!(
-        took >= Duration::from_millis(250) && took < Duration::from_millis(1800),
-        "closed after {took:?}, header_read_timeout is 300 ms"
-    );
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn only_the_http2_preface_is_closed_after_the_idle_timeout() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.http.header_read_timeout_ms = 300;
-        s.http.idle_timeout_ms = 1500;
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.http.header_read_timeout_ms = 300;
+            s.http.idle_timeout_ms = 1500;
+        })
+        .await;
+        let mut preface = TcpStream::connect(app.http).await.unwrap();
+        let start = Instant::now();
+        preface.write_all(H2_PREFACE).await.unwrap();
+        let first = closed_within(&mut preface, Duration::from_millis(1000)).await;
+        assert_eq!(
+            first, None,
+            "closed before idle_timeout (1500 ms) though the preface was sent"
+        );
+        let rest = closed_within(&mut preface, Duration::from_secs(5)).await;
+        assert!(
+            rest.is_some(),
+            "a connection with only the HTTP/2 preface is still open after 6 s"
+        );
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(1400) && took < Duration::from_millis(4000),
+            "closed after {took:?}, idle_timeout is 1500 ms"
+        );
+        app.stop().await;
     })
     .await;
-    let mut preface = TcpStream::connect(app.http).await.unwrap();
-    let start = Instant::now();
-    preface.write_all(H2_PREFACE).await.unwrap();
-    let first = closed_within(&mut preface, Duration::from_millis(1000)).await;
-    assert_eq!(
-        first, None,
-        "closed before idle_timeout (1500 ms) though the preface was sent"
-    );
-    let rest = closed_within(&mut preface, Duration::from_secs(5)).await;
-    assert!(
-        rest.is_some(),
-        "a connection with only the HTTP/2 preface is still open after 6 s"
-    );
-    let took = start.elapsed();
-    assert!(
-        took >= Duration::from_millis(1400) && took < Duration::from_millis(4000),
-        "closed after {took:?}, idle_timeout is 1500 ms"
-    );
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn http1_keep_alive_is_closed_after_the_idle_timeout_not_the_header_timeout() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.http.header_read_timeout_ms = 300;
-        s.http.idle_timeout_ms = 1500;
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.http.header_read_timeout_ms = 300;
+            s.http.idle_timeout_ms = 1500;
+        })
+        .await;
+        let mut conn = TcpStream::connect(app.http).await.unwrap();
+        let body = event_body("WHEF_SESSION_CREATED", "ka", "r1", 1);
+        conn.write_all(raw_post(&body).as_bytes()).await.unwrap();
+        assert_eq!(read_response(&mut conn).await, 200);
+        // Idle longer than the header timeout: still open, and still usable.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let body = event_body("WHEF_SESSION_CREATED", "ka", "r1", 2);
+        conn.write_all(raw_post(&body).as_bytes()).await.unwrap();
+        assert_eq!(read_response(&mut conn).await, 200);
+        let answered = Instant::now();
+        let early = closed_within(&mut conn, Duration::from_millis(1000)).await;
+        assert_eq!(
+            early, None,
+            "a keep-alive connection was closed before idle_timeout (1500 ms)"
+        );
+        let late = closed_within(&mut conn, Duration::from_secs(5)).await;
+        assert!(
+            late.is_some(),
+            "an idle keep-alive connection is still open after 6 s"
+        );
+        let took = answered.elapsed();
+        assert!(
+            took >= Duration::from_millis(1400) && took < Duration::from_millis(3500),
+            "closed {took:?} after the last answer, idle_timeout is 1500 ms"
+        );
+        app.stop().await;
     })
     .await;
-    let mut conn = TcpStream::connect(app.http).await.unwrap();
-    let body = event_body("WHEF_SESSION_CREATED", "ka", "r1", 1);
-    conn.write_all(raw_post(&body).as_bytes()).await.unwrap();
-    assert_eq!(read_response(&mut conn).await, 200);
-    // Idle longer than the header timeout: still open, and still usable.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let body = event_body("WHEF_SESSION_CREATED", "ka", "r1", 2);
-    conn.write_all(raw_post(&body).as_bytes()).await.unwrap();
-    assert_eq!(read_response(&mut conn).await, 200);
-    let answered = Instant::now();
-    let early = closed_within(&mut conn, Duration::from_millis(1000)).await;
-    assert_eq!(
-        early, None,
-        "a keep-alive connection was closed before idle_timeout (1500 ms)"
-    );
-    let late = closed_within(&mut conn, Duration::from_secs(5)).await;
-    assert!(
-        late.is_some(),
-        "an idle keep-alive connection is still open after 6 s"
-    );
-    let took = answered.elapsed();
-    assert!(
-        took >= Duration::from_millis(1400) && took < Duration::from_millis(3500),
-        "closed {took:?} after the last answer, idle_timeout is 1500 ms"
-    );
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn http2_with_no_open_stream_is_closed_after_the_idle_timeout() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.http.header_read_timeout_ms = 300;
-        s.http.idle_timeout_ms = 1500;
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.http.header_read_timeout_ms = 300;
+            s.http.idle_timeout_ms = 1500;
+        })
+        .await;
+        let (mut send, ended) = h2_connect(app.http).await;
+        let body = event_body("WHEF_SESSION_CREATED", "h2", "r1", 1);
+        let r = send
+            .send_request(h2_post(app.http, Full::new(Bytes::from(body)).boxed()))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.into_body().collect().await;
+        let answered = Instant::now();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(
+            !ended.is_finished(),
+            "an HTTP/2 connection was closed before idle_timeout (1500 ms)"
+        );
+        let ended = tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("an HTTP/2 connection with no open stream is still open after 6 s")
+            .unwrap();
+        let took = ended - answered;
+        assert!(
+            took >= Duration::from_millis(1400) && took < Duration::from_millis(3500),
+            "closed {took:?} after the last answer, idle_timeout is 1500 ms"
+        );
+        app.stop().await;
     })
     .await;
-    let (mut send, ended) = h2_connect(app.http).await;
-    let body = event_body("WHEF_SESSION_CREATED", "h2", "r1", 1);
-    let r = send
-        .send_request(h2_post(app.http, Full::new(Bytes::from(body)).boxed()))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let _ = r.into_body().collect().await;
-    let answered = Instant::now();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert!(
-        !ended.is_finished(),
-        "an HTTP/2 connection was closed before idle_timeout (1500 ms)"
-    );
-    let ended = tokio::time::timeout(Duration::from_secs(5), ended)
-        .await
-        .expect("an HTTP/2 connection with no open stream is still open after 6 s")
-        .unwrap();
-    let took = ended - answered;
-    assert!(
-        took >= Duration::from_millis(1400) && took < Duration::from_millis(3500),
-        "closed {took:?} after the last answer, idle_timeout is 1500 ms"
-    );
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn a_request_in_progress_is_never_cut_by_the_idle_timer() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.http.header_read_timeout_ms = 300;
-        s.http.idle_timeout_ms = 400;
-        s.http.body_read_timeout_ms = 10_000;
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.http.header_read_timeout_ms = 300;
+            s.http.idle_timeout_ms = 400;
+            s.http.body_read_timeout_ms = 10_000;
+        })
+        .await;
+        // HTTP/1: the body trickles in for about 2 s, well past both timeouts.
+        let body = event_body("WHEF_SESSION_CREATED", "slow", "r1", 1);
+        let request = raw_post(&body);
+        let (head, body_bytes) = request.split_at(request.len() - body.len());
+        let mut conn = TcpStream::connect(app.http).await.unwrap();
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let chunks: Vec<&[u8]> = body_bytes.as_bytes().chunks(body.len() / 8 + 1).collect();
+        for chunk in &chunks {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            conn.write_all(chunk).await.unwrap();
+        }
+        assert_eq!(read_response(&mut conn).await, 200, "HTTP/1 trickled body");
+
+        // HTTP/2: the same, on a stream.
+        let (mut send, _ended) = h2_connect(app.http).await;
+        let body = event_body("WHEF_SESSION_CREATED", "slow", "r1", 2);
+        let parts: Vec<Bytes> = body
+            .as_bytes()
+            .chunks(body.len() / 8 + 1)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        let stream = futures_util::stream::unfold(parts.into_iter(), |mut parts| async move {
+            let part = parts.next()?;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            Some((Ok::<_, Infallible>(Frame::data(part)), parts))
+        });
+        let r = send
+            .send_request(h2_post(app.http, StreamBody::new(stream).boxed()))
+            .await
+            .expect("HTTP/2 stream answered");
+        assert_eq!(r.status(), 200, "HTTP/2 trickled body");
+        app.stop().await;
     })
     .await;
-    // HTTP/1: the body trickles in for about 2 s, well past both timeouts.
-    let body = event_body("WHEF_SESSION_CREATED", "slow", "r1", 1);
-    let request = raw_post(&body);
-    let (head, body_bytes) = request.split_at(request.len() - body.len());
-    let mut conn = TcpStream::connect(app.http).await.unwrap();
-    conn.write_all(head.as_bytes()).await.unwrap();
-    let chunks: Vec<&[u8]> = body_bytes.as_bytes().chunks(body.len() / 8 + 1).collect();
-    for chunk in &chunks {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        conn.write_all(chunk).await.unwrap();
-    }
-    assert_eq!(read_response(&mut conn).await, 200, "HTTP/1 trickled body");
-
-    // HTTP/2: the same, on a stream.
-    let (mut send, _ended) = h2_connect(app.http).await;
-    let body = event_body("WHEF_SESSION_CREATED", "slow", "r1", 2);
-    let parts: Vec<Bytes> = body
-        .as_bytes()
-        .chunks(body.len() / 8 + 1)
-        .map(Bytes::copy_from_slice)
-        .collect();
-    let stream = futures_util::stream::unfold(parts.into_iter(), |mut parts| async move {
-        let part = parts.next()?;
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        Some((Ok::<_, Infallible>(Frame::data(part)), parts))
-    });
-    let r = send
-        .send_request(h2_post(app.http, StreamBody::new(stream).boxed()))
-        .await
-        .expect("HTTP/2 stream answered");
-    assert_eq!(r.status(), 200, "HTTP/2 trickled body");
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn past_max_connections_new_ones_are_closed_at_once() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.http.max_connections = 4;
-        s.http.header_read_timeout_ms = 10_000;
-        s.http.idle_timeout_ms = 10_000;
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.http.max_connections = 4;
+            s.http.header_read_timeout_ms = 10_000;
+            s.http.idle_timeout_ms = 10_000;
+        })
+        .await;
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            open.push(TcpStream::connect(app.http).await.unwrap());
+            // One at a time, so these four are the ones accepted first.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut fifth = TcpStream::connect(app.http).await.unwrap();
+        let took = closed_within(&mut fifth, Duration::from_secs(1)).await;
+        assert!(
+            took.is_some(),
+            "a fifth connection (max_connections = 4) is still open after 1 s"
+        );
+        for (n, conn) in open.iter_mut().enumerate() {
+            let body = event_body("WHEF_SESSION_CREATED", "max", "r1", n as u64);
+            conn.write_all(raw_post(&body).as_bytes()).await.unwrap();
+            assert_eq!(read_response(conn).await, 200, "open connection {n}");
+        }
+        // Closing them frees their places.
+        drop(open);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let a = app
+            .post_json(&event_body("WHEF_SESSION_CREATED", "max", "r1", 9))
+            .await;
+        assert_eq!(a.code, 200);
+        app.stop().await;
     })
     .await;
-    let mut open = Vec::new();
-    for _ in 0..4 {
-        open.push(TcpStream::connect(app.http).await.unwrap());
-        // One at a time, so these four are the ones accepted first.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut fifth = TcpStream::connect(app.http).await.unwrap();
-    let took = closed_within(&mut fifth, Duration::from_secs(1)).await;
-    assert!(
-        took.is_some(),
-        "a fifth connection (max_connections = 4) is still open after 1 s"
-    );
-    for (n, conn) in open.iter_mut().enumerate() {
-        let body = event_body("WHEF_SESSION_CREATED", "max", "r1", n as u64);
-        conn.write_all(raw_post(&body).as_bytes()).await.unwrap();
-        assert_eq!(read_response(conn).await, 200, "open connection {n}");
-    }
-    // Closing them frees their places.
-    drop(open);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let a = app
-        .post_json(&event_body("WHEF_SESSION_CREATED", "max", "r1", 9))
-        .await;
-    assert_eq!(a.code, 200);
-    app.stop().await;
 }
 
 /// Lowers the child's open-files limits before it runs.
@@ -327,6 +345,7 @@ fn limit_nofile(cmd: &mut std::process::Command, soft: u64, hard: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_bridge_neither_stops_nor_spins_and_recovers() {
+    bounded(async {
     let spool = tempfile::tempdir().unwrap();
     let token = "fd-test-token";
     // No broker needed: spooled mode answers "0" once the event is on disk.
@@ -463,4 +482,6 @@ async fn out_of_descriptors_the_bridge_neither_stops_nor_spins_and_recovers() {
         "{problems:#?}\nbridge log:\n{}",
         bridge.log()
     );
+    })
+    .await;
 }

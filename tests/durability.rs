@@ -19,16 +19,6 @@ use support::bridge_process::BridgeProcess;
 
 const TYPE: &str = "WHEF_SESSION_CREATED";
 
-/// A hung test fails with a message instead of holding CI until its deadline.
-async fn bounded(test: impl std::future::Future<Output = ()>) {
-    if tokio::time::timeout(Duration::from_secs(300), test)
-        .await
-        .is_err()
-    {
-        panic!("test did not finish within 300 s");
-    }
-}
-
 /// The ids of what arrives until nothing has for `quiet` (acking each).
 async fn drain(consumer: &mut Consumer, quiet: Duration) -> Vec<String> {
     let mut ids = Vec::new();
@@ -87,13 +77,14 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(0)
+        .timeout(REQUEST_TIMEOUT)
         .build()
         .expect("client")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_are_stored_and_published_once() {
-    bounded(async {
+    bounded_within(Duration::from_secs(300), async {
         let exchange = unique("dup");
         let (_broker, mut consumer) = subscribe_all(&exchange).await;
         let app = spawn_app(AckMode::Spooled, |s| {
@@ -124,7 +115,7 @@ async fn concurrent_duplicates_are_stored_and_published_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_all_get_503_when_the_one_store_fails() {
-    bounded(async {
+    bounded_within(Duration::from_secs(300), async {
         let exchange = unique("dupfull");
         let (_broker, mut consumer) = subscribe_all(&exchange).await;
         // Smaller than one envelope: every append is refused as full.
@@ -179,7 +170,7 @@ fn fill(path: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_recovers_by_itself_after_a_full_disk() {
-    bounded(async {
+    bounded_within(Duration::from_secs(300), async {
         let base = tempfile::tempdir().expect("temp dir");
         let mnt = base.path().join("mnt");
         let _unmount = mount_tmpfs(&mnt, "8m");
@@ -298,7 +289,7 @@ async fn post_child(client: &reqwest::Client, url: &str, body: String) -> Answer
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_past_its_deadline_answers_503_and_is_forwarded_once() {
-    bounded(async {
+    bounded_within(Duration::from_secs(300), async {
         let spool = tempfile::tempdir().expect("temp dir");
         let exchange = unique("stall");
         let token = "stall-test-token";
@@ -351,7 +342,7 @@ async fn an_append_past_its_deadline_answers_503_and_is_forwarded_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_whose_commit_failed_are_never_published() {
-    bounded(async {
+    bounded_within(Duration::from_secs(300), async {
         let spool = tempfile::tempdir().expect("temp dir");
         let exchange = unique("lost");
         let token = "lost-commit-token";

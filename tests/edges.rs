@@ -14,20 +14,11 @@ use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A hung test fails with a message instead of holding CI.
-async fn bounded(test: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(Duration::from_secs(120), test)
-        .await
-        .expect("test did not finish within 120 s");
-}
-
 /// The message ids of what `consumer` gets within a short quiet period.
 async fn ids_delivered(consumer: &mut lapin::Consumer, n: usize) -> Vec<String> {
     let got = take(consumer, n, WAIT).await;
     assert_quiet(consumer, Duration::from_millis(700)).await;
-    got.iter()
-        .filter_map(|d| d.properties.message_id().as_ref().map(|m| m.to_string()))
-        .collect()
+    message_ids(&got)
 }
 
 #[tokio::test]
@@ -215,6 +206,31 @@ async fn x_received_at_is_the_time_the_event_came_in() {
             "the timestamp property is the same instant"
         );
         app.stop().await;
+    })
+    .await;
+}
+
+/// Point 9 of issue 12: a test that panics (or never calls `stop`) still leaves
+/// nothing on the shared broker: `TestApp` cleans up when dropped.
+#[tokio::test]
+async fn a_dropped_app_removes_what_it_declared() {
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |_| {}).await;
+        app.wait_ready(true, WAIT).await;
+        let exchange = app.settings.amqp.exchange.clone();
+        let broker = Broker::connect(&amqp_url()).await;
+        assert!(
+            broker.exchange_exists(&exchange).await,
+            "declared at connect"
+        );
+        let unrouted = format!("{exchange}.unrouted");
+        assert!(broker.exchange_exists(&unrouted).await);
+        drop(app);
+        assert!(
+            !broker.exchange_exists(&exchange).await,
+            "{exchange} left on the broker by a dropped app"
+        );
+        assert!(!broker.exchange_exists(&unrouted).await);
     })
     .await;
 }

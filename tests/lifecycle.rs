@@ -16,13 +16,6 @@ use support::tcp_proxy::{CutMode, TcpProxy};
 const TOKEN: &str = "lifecycle-token";
 const GRACE_MS: u64 = 3000;
 
-/// A hung test fails with a message instead of holding CI.
-async fn bounded(test: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(Duration::from_secs(240), test)
-        .await
-        .expect("test did not finish within 240 s");
-}
-
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()

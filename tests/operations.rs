@@ -1,6 +1,7 @@
 //! The operating surface: auth, limits, timeouts, TLS, admin endpoints, metrics, tail.
 
 mod common;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -10,6 +11,8 @@ use cellosign_bridge::AckMode;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use support::tcp_proxy::{CutMode, TcpProxy};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -27,121 +30,131 @@ async fn read_to_close(stream: &mut TcpStream, within: Duration) -> String {
 
 #[tokio::test]
 async fn tokens_are_required_from_any_of_three_places() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.auth.tokens = vec!["t0k3n".into(), "second".into()]
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.auth.tokens = vec!["t0k3n".into(), "second".into()]
+        })
+        .await;
+        let exchange = app.settings.amqp.exchange.clone();
+        let broker = Broker::connect(&amqp_url()).await;
+        broker.declare_exchange(&exchange).await;
+        let mut consumer = broker.subscribe(&exchange, "#").await;
+        let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
+        let post = |url: String| {
+            app.client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.clone())
+        };
+
+        for req in [
+            post(app.url()),
+            post(app.url()).bearer_auth("wrong"),
+            post(app.url()).header("x-webhook-token", "t0k3"),
+            post(format!("{}?token=nope", app.url())),
+        ] {
+            let a = answer(req.send().await.unwrap()).await;
+            assert_eq!(a.code, 401, "{a:?}");
+            assert!(!a.errordesc.contains("t0k3n"));
+        }
+        // 401 publishes nothing.
+        assert_quiet(&mut consumer, Duration::from_millis(500)).await;
+
+        let accepted = [
+            post(app.url()).bearer_auth("t0k3n"),
+            post(app.url()).header("x-webhook-token", "second"),
+            post(format!("{}?token=t0k3n", app.url())),
+        ];
+        for (n, req) in accepted.into_iter().enumerate() {
+            // Distinct events, so dedup does not hide a publish.
+            let req = req.body(event_body(
+                "WHEF_SESSION_CREATED",
+                &format!("ok{n}"),
+                "r1",
+                n as u64,
+            ));
+            let a = answer(req.send().await.unwrap()).await;
+            assert_eq!(a.code, 200, "{a:?}");
+        }
+        assert_eq!(take(&mut consumer, 3, WAIT).await.len(), 3);
+        let (_, metrics) = app.admin_get("/metrics").await;
+        assert!(
+            metrics.contains(r#"cellosign_bridge_http_requests_total{code="401"} 4"#),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(r#"cellosign_bridge_events_rejected_total{reason="unauthorized"} 4"#),
+            "{metrics}"
+        );
+        app.stop().await;
     })
     .await;
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "#").await;
-    let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
-    let post = |url: String| {
-        app.client
-            .post(url)
-            .header("content-type", "application/json")
-            .body(body.clone())
-    };
-
-    for req in [
-        post(app.url()),
-        post(app.url()).bearer_auth("wrong"),
-        post(app.url()).header("x-webhook-token", "t0k3"),
-        post(format!("{}?token=nope", app.url())),
-    ] {
-        let a = answer(req.send().await.unwrap()).await;
-        assert_eq!(a.code, 401, "{a:?}");
-        assert!(!a.errordesc.contains("t0k3n"));
-    }
-    // 401 publishes nothing.
-    assert_quiet(&mut consumer, Duration::from_millis(500)).await;
-
-    let accepted = [
-        post(app.url()).bearer_auth("t0k3n"),
-        post(app.url()).header("x-webhook-token", "second"),
-        post(format!("{}?token=t0k3n", app.url())),
-    ];
-    for (n, req) in accepted.into_iter().enumerate() {
-        // Distinct events, so dedup does not hide a publish.
-        let req = req.body(event_body(
-            "WHEF_SESSION_CREATED",
-            &format!("ok{n}"),
-            "r1",
-            n as u64,
-        ));
-        let a = answer(req.send().await.unwrap()).await;
-        assert_eq!(a.code, 200, "{a:?}");
-    }
-    assert_eq!(take(&mut consumer, 3, WAIT).await.len(), 3);
-    let (_, metrics) = app.admin_get("/metrics").await;
-    assert!(
-        metrics.contains(r#"cellosign_bridge_http_requests_total{code="401"} 4"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"cellosign_bridge_events_rejected_total{reason="unauthorized"} 4"#),
-        "{metrics}"
-    );
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn query_tokens_can_be_disabled() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.auth.tokens = vec!["t0k3n".into()];
-        s.auth.allow_query_token = false;
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.auth.tokens = vec!["t0k3n".into()];
+            s.auth.allow_query_token = false;
+        })
+        .await;
+        let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
+        let r = app
+            .client
+            .post(format!("{}?token=t0k3n", app.url()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer(r).await.code, 401);
+        app.stop().await;
     })
     .await;
-    let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
-    let r = app
-        .client
-        .post(format!("{}?token=t0k3n", app.url()))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer(r).await.code, 401);
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn client_networks_are_enforced_behind_trusted_proxies() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.auth.allow_from = vec!["10.0.0.0/8".parse().unwrap()];
-        s.http.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.auth.allow_from = vec!["10.0.0.0/8".parse().unwrap()];
+            s.http.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        })
+        .await;
+        let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
+        let post = || app.client.post(app.url()).body(body.clone());
+        // The test connects from 127.0.0.1, which is not allowed itself.
+        assert_eq!(answer(post().send().await.unwrap()).await.code, 403);
+        let r = post()
+            .header("x-forwarded-for", "192.0.2.1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer(r).await.code, 403);
+        // The trusted proxy vouches for an allowed client.
+        let r = post()
+            .header("x-forwarded-for", "10.1.2.3")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer(r).await.code, 200);
+        // A spoofed allowed address before the real (appended) one does not help.
+        let r = post()
+            .header("x-forwarded-for", "10.1.2.3, 192.0.2.1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer(r).await.code, 403);
+        // The admin listener is not affected.
+        assert_eq!(app.admin_get("/healthz").await.0, 200);
+        app.stop().await;
     })
     .await;
-    let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
-    let post = || app.client.post(app.url()).body(body.clone());
-    // The test connects from 127.0.0.1, which is not allowed itself.
-    assert_eq!(answer(post().send().await.unwrap()).await.code, 403);
-    let r = post()
-        .header("x-forwarded-for", "192.0.2.1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer(r).await.code, 403);
-    // The trusted proxy vouches for an allowed client.
-    let r = post()
-        .header("x-forwarded-for", "10.1.2.3")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer(r).await.code, 200);
-    // A spoofed allowed address before the real (appended) one does not help.
-    let r = post()
-        .header("x-forwarded-for", "10.1.2.3, 192.0.2.1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer(r).await.code, 403);
-    // The admin listener is not affected.
-    assert_eq!(app.admin_get("/healthz").await.0, 200);
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn a_chunked_body_over_the_limit_gets_413_without_the_rest_being_read() {
+    bounded(async {
     let app = spawn_app(AckMode::Spooled, |s| s.http.max_body_bytes = 1024).await;
     let mut stream = TcpStream::connect(app.http).await.unwrap();
     let head = format!(
@@ -160,10 +173,13 @@ async fn a_chunked_body_over_the_limit_gets_413_without_the_rest_being_read() {
     let big = vec![b' '; 2048];
     assert_eq!(app.post(big, Some("application/json")).await.code, 413);
     app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_slow_client_is_cut() {
+    bounded(async {
     let app = spawn_app(AckMode::Spooled, |s| {
         s.http.header_read_timeout_ms = 300;
         s.http.body_read_timeout_ms = 300;
@@ -212,10 +228,13 @@ async fn a_slow_client_is_cut() {
         200
     );
     app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn requests_over_the_in_flight_limit_get_429() {
+    bounded(async {
     let app = spawn_app(AckMode::Spooled, |s| s.http.max_in_flight = 1).await;
     // Hold the only slot: a request whose body is still coming.
     let mut holder = TcpStream::connect(app.http).await.unwrap();
@@ -237,57 +256,63 @@ async fn requests_over_the_in_flight_limit_get_429() {
     assert_eq!(a.headers.get("retry-after").unwrap(), "1");
     drop(holder);
     app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn admin_endpoints_report_health_readiness_and_metrics() {
-    let app = spawn_app(AckMode::Spooled, |_| {}).await;
-    let (code, body) = app.admin_get("/healthz").await;
-    assert_eq!(code, 200, "{body}");
-    let (code, body) = app.admin_get("/readyz").await;
-    assert_eq!(code, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["ready"], true);
-    assert_eq!(v["mode"], "spooled");
-    assert!(v["spool"]["max_bytes"].as_u64().is_some(), "{body}");
-    assert!(v["broker"]["connected"].is_boolean(), "{body}");
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |_| {}).await;
+        let (code, body) = app.admin_get("/healthz").await;
+        assert_eq!(code, 200, "{body}");
+        let (code, body) = app.admin_get("/readyz").await;
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["ready"], true);
+        assert_eq!(v["mode"], "spooled");
+        assert!(v["spool"]["max_bytes"].as_u64().is_some(), "{body}");
+        assert!(v["broker"]["connected"].is_boolean(), "{body}");
 
-    assert_eq!(
-        app.post_json(&event_body("WHEF_SESSION_CREATED", "s1", "r1", 1))
-            .await
-            .code,
-        200
-    );
-    assert_eq!(app.post_json("{").await.code, 400);
-    let (code, metrics) = app.admin_get("/metrics").await;
-    assert_eq!(code, 200);
-    for line in [
-        r#"cellosign_bridge_http_requests_total{code="200"} 1"#,
-        r#"cellosign_bridge_http_requests_total{code="400"} 1"#,
-        r#"cellosign_bridge_events_accepted_total{type="WHEF_SESSION_CREATED"} 1"#,
-        r#"cellosign_bridge_events_rejected_total{reason="malformed_json"} 1"#,
-        "cellosign_bridge_ack_latency_seconds_count 1",
-    ] {
-        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
-    }
-    for name in [
-        "cellosign_bridge_publish_confirm_seconds",
-        "cellosign_bridge_spool_events",
-        "cellosign_bridge_spool_bytes",
-        "cellosign_bridge_broker_connected",
-        "cellosign_bridge_broker_reconnects_total",
-        "cellosign_bridge_broker_nacks_total",
-        "cellosign_bridge_broker_returns_total",
-        "cellosign_bridge_dedup_hits_total",
-    ] {
-        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
-    }
-    assert_eq!(app.admin_get("/nope").await.0, 404);
-    app.stop().await;
+        assert_eq!(
+            app.post_json(&event_body("WHEF_SESSION_CREATED", "s1", "r1", 1))
+                .await
+                .code,
+            200
+        );
+        assert_eq!(app.post_json("{").await.code, 400);
+        let (code, metrics) = app.admin_get("/metrics").await;
+        assert_eq!(code, 200);
+        for line in [
+            r#"cellosign_bridge_http_requests_total{code="200"} 1"#,
+            r#"cellosign_bridge_http_requests_total{code="400"} 1"#,
+            r#"cellosign_bridge_events_accepted_total{type="WHEF_SESSION_CREATED"} 1"#,
+            r#"cellosign_bridge_events_rejected_total{reason="malformed_json"} 1"#,
+            "cellosign_bridge_ack_latency_seconds_count 1",
+        ] {
+            assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+        }
+        for name in [
+            "cellosign_bridge_publish_confirm_seconds",
+            "cellosign_bridge_spool_events",
+            "cellosign_bridge_spool_bytes",
+            "cellosign_bridge_broker_connected",
+            "cellosign_bridge_broker_reconnects_total",
+            "cellosign_bridge_broker_nacks_total",
+            "cellosign_bridge_broker_returns_total",
+            "cellosign_bridge_dedup_hits_total",
+        ] {
+            assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+        }
+        assert_eq!(app.admin_get("/nope").await.0, 404);
+        app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn tls_on_the_public_listener() {
+    bounded(async {
     use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
     let dir = tempfile::tempdir().unwrap();
@@ -324,7 +349,10 @@ async fn tls_on_the_public_listener() {
     );
     tls.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    tls.read_to_end(&mut out).await.unwrap();
+    tokio::time::timeout(WAIT, tls.read_to_end(&mut out))
+        .await
+        .expect("the TLS answer within 20 s")
+        .unwrap();
     let got = String::from_utf8_lossy(&out);
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(got.ends_with(r#"{"status":"0","errordesc":""}"#), "{got}");
@@ -332,70 +360,201 @@ async fn tls_on_the_public_listener() {
     let plain = app.client.post(app.url()).body(body).send().await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
     app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn tail_prints_events_posted_through_the_bridge() {
-    let app = spawn_app(AckMode::Confirmed, |_| {}).await;
-    let exchange = app.settings.amqp.exchange.clone();
-    // The bridge declares the exchange once connected.
+    bounded(async {
+        let app = spawn_app(AckMode::Confirmed, |_| {}).await;
+        let exchange = app.settings.amqp.exchange.clone();
+        // The bridge declares the exchange once connected.
+        app.wait_ready(true, WAIT).await;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"))
+            .args(["tail", "--binding", "ref-tail"])
+            .env("BRIDGE_AMQP__URLS", amqp_url())
+            .env("BRIDGE_AMQP__EXCHANGE", &exchange)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stderr).read_line(&mut line).map(|_| line)
+        });
+        let line = tokio::time::timeout(WAIT, ready)
+            .await
+            .expect("tail starts")
+            .unwrap()
+            .unwrap();
+        assert!(line.contains("bound"), "{line}");
+        let body = event_body("WHEF_CLIENT_FORM_LOADED", "s-tail", "ref-tail", 7);
+        assert_eq!(
+            app.post_json(&event_body(
+                "WHEF_CLIENT_FORM_LOADED",
+                "s-other",
+                "ref-other",
+                8
+            ))
+            .await
+            .code,
+            200
+        );
+        assert_eq!(app.post_json(&body).await.code, 200);
+        let stdout = child.stdout.take().unwrap();
+        let printed = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        });
+        let line = tokio::time::timeout(WAIT, printed)
+            .await
+            .expect("tail prints")
+            .unwrap()
+            .unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["routing_key"], "ref-tail");
+        assert_eq!(v["type"], "WHEF_CLIENT_FORM_LOADED");
+        assert_eq!(
+            v["message_id"],
+            "s-tail:WHEF_CLIENT_FORM_LOADED:2025-01-26T08:49:33.000007"
+        );
+        assert!(v["received_at"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(
+            v["body"],
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        );
+        app.stop().await;
+    })
+    .await;
+}
+
+const CONFIRMS: &str = "cellosign_bridge_publish_confirm_seconds_count";
+const CONNECTED: &str = "cellosign_bridge_broker_connected";
+const RECONNECTS: &str = "cellosign_bridge_broker_reconnects_total";
+const SPOOL_EVENTS: &str = "cellosign_bridge_spool_events";
+const SPOOL_BYTES: &str = "cellosign_bridge_spool_bytes";
+
+/// Each confirmed publish is one observation of the confirm histogram.
+async fn confirms_observed(mode: AckMode) {
+    let app = spawn_app(mode, |_| {}).await;
     app.wait_ready(true, WAIT).await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"))
-        .args(["tail", "--binding", "ref-tail"])
-        .env("BRIDGE_AMQP__URLS", amqp_url())
-        .env("BRIDGE_AMQP__EXCHANGE", &exchange)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let ready = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stderr).read_line(&mut line).map(|_| line)
-    });
-    let line = tokio::time::timeout(WAIT, ready)
-        .await
-        .expect("tail starts")
-        .unwrap()
-        .unwrap();
-    assert!(line.contains("bound"), "{line}");
-    let body = event_body("WHEF_CLIENT_FORM_LOADED", "s-tail", "ref-tail", 7);
+    let broker = Broker::connect(&amqp_url()).await;
+    let mut consumer = broker.subscribe(&app.settings.amqp.exchange, "#").await;
     assert_eq!(
-        app.post_json(&event_body(
-            "WHEF_CLIENT_FORM_LOADED",
-            "s-other",
-            "ref-other",
-            8
-        ))
-        .await
-        .code,
-        200
+        app.metric(CONFIRMS).await,
+        0.0,
+        "{mode:?}: nothing published yet"
     );
-    assert_eq!(app.post_json(&body).await.code, 200);
-    let stdout = child.stdout.take().unwrap();
-    let printed = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map(|_| line)
-    });
-    let line = tokio::time::timeout(WAIT, printed)
-        .await
-        .expect("tail prints")
-        .unwrap()
-        .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(v["routing_key"], "ref-tail");
-    assert_eq!(v["type"], "WHEF_CLIENT_FORM_LOADED");
-    assert_eq!(
-        v["message_id"],
-        "s-tail:WHEF_CLIENT_FORM_LOADED:2025-01-26T08:49:33.000007"
-    );
-    assert!(v["received_at"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(
-        v["body"],
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()
-    );
+    for n in 0..3 {
+        let body = event_body("WHEF_SESSION_CREATED", "s-hist", "r-hist", n);
+        assert_eq!(app.post_json(&body).await.code, 200);
+    }
+    take(&mut consumer, 3, WAIT).await;
+    app.wait_metric(CONFIRMS, WAIT, |v| v == 3.0).await;
+    let sum = app
+        .metric("cellosign_bridge_publish_confirm_seconds_sum")
+        .await;
+    assert!(sum > 0.0, "{mode:?}: three confirms took no time at all");
     app.stop().await;
+}
+
+#[tokio::test]
+async fn a_publish_moves_the_confirm_histogram_in_spooled_mode() {
+    bounded(confirms_observed(AckMode::Spooled)).await;
+}
+
+#[tokio::test]
+async fn a_publish_moves_the_confirm_histogram_in_confirmed_mode() {
+    bounded(confirms_observed(AckMode::Confirmed)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_flips_broker_connected_counts_a_reconnect_and_the_spool_gauges_follow() {
+    bounded(async {
+        let proxy = TcpProxy::to_port(5672).await.expect("proxy");
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.amqp.urls = vec![proxy.amqp_url().into()];
+            s.amqp.reconnect_initial_ms = 50;
+            s.amqp.reconnect_max_ms = 500;
+        })
+        .await;
+        app.wait_ready(true, WAIT).await;
+        assert_eq!(app.metric(CONNECTED).await, 1.0);
+        assert_eq!(app.metric(RECONNECTS).await, 0.0, "the first connection");
+        assert_eq!(app.metric(SPOOL_EVENTS).await, 0.0);
+        assert_eq!(app.metric(SPOOL_BYTES).await, 0.0);
+        let broker = Broker::connect(&amqp_url()).await;
+        let mut consumer = broker.subscribe(&app.settings.amqp.exchange, "#").await;
+
+        proxy.cut(CutMode::Refuse).await;
+        app.wait_metric(CONNECTED, WAIT, |v| v == 0.0).await;
+        let mut bytes = 0;
+        for n in 0..3 {
+            let body = event_body("WHEF_SESSION_CREATED", "s-out", "r-out", n);
+            bytes += body.len();
+            assert_eq!(app.post_json(&body).await.code, 200);
+        }
+        assert_eq!(app.metric(SPOOL_EVENTS).await, 3.0, "the spool holds 3");
+        let spooled = app.metric(SPOOL_BYTES).await;
+        assert!(
+            spooled >= bytes as f64,
+            "spool_bytes {spooled} below the {bytes} bytes of the 3 bodies"
+        );
+        assert_eq!(app.metric(RECONNECTS).await, 0.0, "no connection yet");
+
+        proxy.restore();
+        app.wait_metric(CONNECTED, WAIT, |v| v == 1.0).await;
+        assert_eq!(app.metric(RECONNECTS).await, 1.0, "one reconnect");
+        take(&mut consumer, 3, WAIT).await;
+        app.wait_metric(SPOOL_EVENTS, WAIT, |v| v == 0.0).await;
+        assert_eq!(app.metric(SPOOL_BYTES).await, 0.0, "the spool is empty");
+        app.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refusals_are_counted_by_reason() {
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |_| {}).await;
+        assert_eq!(app.post_json("{").await.code, 400);
+        assert_eq!(app.post_json("[1").await.code, 400);
+        assert_eq!(app.post_json("[]").await.code, 422);
+        let text = event_body("WHEF_SESSION_CREATED", "s-r", "r", 1);
+        assert_eq!(app.post(text, Some("text/plain")).await.code, 415);
+        let got = app.client.get(app.url()).send().await.expect("GET");
+        assert_eq!(got.status().as_u16(), 405);
+        let elsewhere = format!("http://{}/elsewhere", app.http);
+        let got = app.client.post(elsewhere).send().await.expect("POST");
+        assert_eq!(got.status().as_u16(), 404);
+
+        let metrics = app.metrics().await;
+        let rejected = |reason: &str| {
+            series_value(
+                &metrics,
+                &format!("cellosign_bridge_events_rejected_total{{reason=\"{reason}\"}}"),
+            )
+        };
+        assert_eq!(rejected("malformed_json"), Some(2.0), "{metrics}");
+        assert_eq!(rejected("not_object"), Some(1.0), "{metrics}");
+        assert_eq!(rejected("content_type"), Some(1.0), "{metrics}");
+        assert_eq!(rejected("method"), Some(1.0), "{metrics}");
+        assert_eq!(rejected("not_found"), Some(1.0), "{metrics}");
+        assert_eq!(
+            metric_sum(&metrics, "cellosign_bridge_events_rejected_total"),
+            6.0,
+            "each refusal counted once, under one reason:\n{metrics}"
+        );
+        assert_eq!(
+            metric_sum(&metrics, "cellosign_bridge_events_accepted_total"),
+            0.0
+        );
+        app.stop().await;
+    })
+    .await;
 }

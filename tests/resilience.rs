@@ -18,16 +18,6 @@ use support::tcp_proxy::{CutMode, TcpProxy};
 
 const DRAIN_WAIT: Duration = Duration::from_secs(90);
 
-/// A hung test fails with a message instead of holding CI until its deadline.
-async fn bounded(test: impl std::future::Future<Output = ()>) {
-    if tokio::time::timeout(Duration::from_secs(600), test)
-        .await
-        .is_err()
-    {
-        panic!("test did not finish within 600 s");
-    }
-}
-
 /// Consumes `queue` until every id in `expected` was seen (duplicates allowed).
 /// Reconnects on errors: a restarted node may refuse consumers until its quorum
 /// queues have a leader again.
@@ -109,7 +99,7 @@ fn durable_queue(name: &str) -> QueueSettings {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_loses_nothing() {
-    bounded(broker_outage()).await;
+    bounded_within(Duration::from_secs(600), broker_outage()).await;
 }
 
 async fn broker_outage() {
@@ -175,7 +165,7 @@ async fn broker_outage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_answers_503_and_recovers_after_a_network_cut() {
-    bounded(full_spool_and_network_cut()).await;
+    bounded_within(Duration::from_secs(600), full_spool_and_network_cut()).await;
 }
 
 async fn full_spool_and_network_cut() {
@@ -352,12 +342,12 @@ async fn crash_or_stop(signal: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_posting_loses_nothing() {
-    bounded(crash_or_stop("-KILL")).await;
+    bounded_within(Duration::from_secs(600), crash_or_stop("-KILL")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_posting_exits_0_and_loses_nothing() {
-    bounded(crash_or_stop("-TERM")).await;
+    bounded_within(Duration::from_secs(600), crash_or_stop("-TERM")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,7 +378,7 @@ async fn spool_stats_reads_the_file_or_asks_the_running_bridge() {
         "t",
         &[],
     );
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = http_client();
     for n in 0..3 {
         let r = client
             .post(bridge.url("t"))

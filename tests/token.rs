@@ -170,262 +170,285 @@ fn assert_granted(code: u16, headers: &reqwest::header::HeaderMap, body: &Value,
 
 #[tokio::test]
 async fn the_documented_request_shapes_get_a_bearer_token() {
-    let secrets = Secrets::new(&[KEY_NEW]);
-    let app = secrets.spawn(3600, |_| {}).await;
-    // JSON, password grant.
-    let (code, headers, body) = fetch_json(&app, &password_grant()).await;
-    assert_granted(code, &headers, &body, 3600);
-    // JSON, client credentials.
-    let client = json!({"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+    bounded(async {
+        let secrets = Secrets::new(&[KEY_NEW]);
+        let app = secrets.spawn(3600, |_| {}).await;
+        // JSON, password grant.
+        let (code, headers, body) = fetch_json(&app, &password_grant()).await;
+        assert_granted(code, &headers, &body, 3600);
+        // JSON, client credentials.
+        let client = json!({"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
                         "scope": "webhooks", "grant_type": "client_credentials"});
-    let (code, headers, body) = fetch_json(&app, &client).await;
-    assert_granted(code, &headers, &body, 3600);
-    // Form-encoded, both kinds.
-    for form in [
-        format!("grant_type=password&username={USERNAME}&password={PASSWORD}&scope=webhooks"),
-        format!(
-            "grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
-        ),
-    ] {
+        let (code, headers, body) = fetch_json(&app, &client).await;
+        assert_granted(code, &headers, &body, 3600);
+        // Form-encoded, both kinds.
+        for form in [
+            format!("grant_type=password&username={USERNAME}&password={PASSWORD}&scope=webhooks"),
+            format!(
+                "grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
+            ),
+        ] {
+            let req = app
+                .client
+                .post(token_url(&app))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form);
+            let (code, headers, body) = parse(req.send().await.expect("request")).await;
+            assert_granted(code, &headers, &body, 3600);
+        }
+        // JSON without a content type, as a minimal client may send it.
         let req = app
             .client
             .post(token_url(&app))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(form);
+            .body(password_grant().to_string());
         let (code, headers, body) = parse(req.send().await.expect("request")).await;
         assert_granted(code, &headers, &body, 3600);
-    }
-    // JSON without a content type, as a minimal client may send it.
-    let req = app
-        .client
-        .post(token_url(&app))
-        .body(password_grant().to_string());
-    let (code, headers, body) = parse(req.send().await.expect("request")).await;
-    assert_granted(code, &headers, &body, 3600);
-    app.stop().await;
+        app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn wrong_credentials_get_401_and_malformed_requests_400() {
-    let secrets = Secrets::new(&[KEY_NEW]);
-    // Each wrong try from its own address, so none is slowed down.
-    let app = behind_proxy(&secrets).await;
-    for (i, wrong) in [
-        json!({"username": USERNAME, "password": "guess", "grant_type": "password"}),
-        json!({"username": "nobody", "password": PASSWORD, "grant_type": "password"}),
-        // The client secret is not the password client's password, nor the reverse.
-        json!({"username": CLIENT_ID, "password": CLIENT_SECRET}),
-        json!({"client_id": USERNAME, "client_secret": PASSWORD}),
-        json!({"client_id": CLIENT_ID, "client_secret": ""}),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let req = from(&app, &format!("192.0.2.{i}"), wrong);
-        let (code, _, body) = parse(req.send().await.expect("request")).await;
-        assert_eq!(
-            (code, &body),
-            (401, &json!({"error": "invalid_client"})),
-            "{wrong}"
-        );
-    }
-    for malformed in [
-        json!({"username": USERNAME}),
-        json!({"password": PASSWORD, "client_secret": CLIENT_SECRET}),
-        json!(["not", "an", "object"]),
-        json!({"username": USERNAME, "password": 12345}),
-    ] {
-        let (code, _, body) = fetch_json(&app, &malformed).await;
+    bounded(async {
+        let secrets = Secrets::new(&[KEY_NEW]);
+        // Each wrong try from its own address, so none is slowed down.
+        let app = behind_proxy(&secrets).await;
+        for (i, wrong) in [
+            json!({"username": USERNAME, "password": "guess", "grant_type": "password"}),
+            json!({"username": "nobody", "password": PASSWORD, "grant_type": "password"}),
+            // The client secret is not the password client's password, nor the reverse.
+            json!({"username": CLIENT_ID, "password": CLIENT_SECRET}),
+            json!({"client_id": USERNAME, "client_secret": PASSWORD}),
+            json!({"client_id": CLIENT_ID, "client_secret": ""}),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let req = from(&app, &format!("192.0.2.{i}"), wrong);
+            let (code, _, body) = parse(req.send().await.expect("request")).await;
+            assert_eq!(
+                (code, &body),
+                (401, &json!({"error": "invalid_client"})),
+                "{wrong}"
+            );
+        }
+        for malformed in [
+            json!({"username": USERNAME}),
+            json!({"password": PASSWORD, "client_secret": CLIENT_SECRET}),
+            json!(["not", "an", "object"]),
+            json!({"username": USERNAME, "password": 12345}),
+        ] {
+            let (code, _, body) = fetch_json(&app, &malformed).await;
+            assert_eq!(
+                (code, &body["error"]),
+                (400, &json!("invalid_request")),
+                "{malformed}"
+            );
+            assert!(!body.to_string().contains(PASSWORD), "{body}");
+        }
+        let grant =
+            json!({"username": USERNAME, "password": PASSWORD, "grant_type": "refresh_token"});
+        let (code, _, body) = fetch_json(&app, &grant).await;
         assert_eq!(
             (code, &body["error"]),
-            (400, &json!("invalid_request")),
-            "{malformed}"
+            (400, &json!("unsupported_grant_type"))
         );
-        assert!(!body.to_string().contains(PASSWORD), "{body}");
-    }
-    let grant = json!({"username": USERNAME, "password": PASSWORD, "grant_type": "refresh_token"});
-    let (code, _, body) = fetch_json(&app, &grant).await;
-    assert_eq!(
-        (code, &body["error"]),
-        (400, &json!("unsupported_grant_type"))
-    );
-    let big = json!({"username": USERNAME, "password": "x".repeat(9000)});
-    let (code, _, body) = fetch_json(&app, &big).await;
-    assert_eq!((code, &body["error"]), (413, &json!("invalid_request")));
-    let text = app
-        .client
-        .post(token_url(&app))
-        .header("content-type", "text/plain");
-    let r = text.body(password_grant().to_string()).send().await;
-    let (code, _, body) = parse(r.expect("request")).await;
-    assert_eq!((code, &body["error"]), (400, &json!("invalid_request")));
-    let r = app.client.get(token_url(&app)).send().await.expect("GET");
-    assert_eq!(r.status(), 405);
-    assert_eq!(r.headers()["allow"], "POST");
-    app.stop().await;
+        let big = json!({"username": USERNAME, "password": "x".repeat(9000)});
+        let (code, _, body) = fetch_json(&app, &big).await;
+        assert_eq!((code, &body["error"]), (413, &json!("invalid_request")));
+        let text = app
+            .client
+            .post(token_url(&app))
+            .header("content-type", "text/plain");
+        let r = text.body(password_grant().to_string()).send().await;
+        let (code, _, body) = parse(r.expect("request")).await;
+        assert_eq!((code, &body["error"]), (400, &json!("invalid_request")));
+        let r = app.client.get(token_url(&app)).send().await.expect("GET");
+        assert_eq!(r.status(), 405);
+        assert_eq!(r.headers()["allow"], "POST");
+        app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_webhook_with_a_fetched_token_is_accepted_and_one_without_or_forged_is_not() {
-    let secrets = Secrets::new(&[KEY_NEW]);
-    let app = secrets.spawn(3600, |_| {}).await;
-    let (_broker, mut consumer) = subscribe(&app).await;
-    let token = token(&app).await;
+    bounded(async {
+        let secrets = Secrets::new(&[KEY_NEW]);
+        let app = secrets.spawn(3600, |_| {}).await;
+        let (_broker, mut consumer) = subscribe(&app).await;
+        let token = token(&app).await;
 
-    // Forged: a token signed with a key this bridge does not have, and every part tampered.
-    let other = Secrets::new(&[KEY_OLD]);
-    let stranger = other.spawn(3600, |_| {}).await;
-    let foreign = self::token(&stranger).await;
-    stranger.stop().await;
-    let flip = |i: usize| {
-        let mut b = token.clone().into_bytes();
-        b[i] = if b[i] == b'A' { b'B' } else { b'A' };
-        String::from_utf8(b).unwrap_or_default()
-    };
-    let tag_start = token.rfind('.').unwrap_or(0) + 1;
-    let payload_start = token.find('.').unwrap_or(0) + 1;
-    for (what, bad) in [
-        ("no token", None),
-        ("another key's token", Some(foreign.clone())),
-        ("key id changed", Some(flip(0))),
-        ("payload changed", Some(flip(payload_start + 2))),
-        ("tag changed", Some(flip(tag_start + 2))),
-        ("tag cut", Some(token[..token.len() - 1].to_string())),
-        ("not a token", Some("x.y.z".to_string())),
-    ] {
-        let a = post_with(&app, bad.as_deref(), 1).await;
-        assert_eq!(a.code, 401, "{what}: {a:?}");
-    }
-    // A signed token is taken from Authorization only, never from the URL.
-    let in_query = app
-        .client
-        .post(format!("{}?token={token}", app.url()))
-        .header("content-type", "application/json")
-        .body(event_body("WHEF_SESSION_CREATED", "s-tok", "r-tok", 1));
-    assert_eq!(
-        answer(in_query.send().await.expect("request")).await.code,
-        401
-    );
-    assert_quiet(&mut consumer, Duration::from_millis(300)).await;
+        // Forged: a token signed with a key this bridge does not have, and every part tampered.
+        let other = Secrets::new(&[KEY_OLD]);
+        let stranger = other.spawn(3600, |_| {}).await;
+        let foreign = self::token(&stranger).await;
+        stranger.stop().await;
+        let flip = |i: usize| {
+            let mut b = token.clone().into_bytes();
+            b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+            String::from_utf8(b).unwrap_or_default()
+        };
+        let tag_start = token.rfind('.').unwrap_or(0) + 1;
+        let payload_start = token.find('.').unwrap_or(0) + 1;
+        for (what, bad) in [
+            ("no token", None),
+            ("another key's token", Some(foreign.clone())),
+            ("key id changed", Some(flip(0))),
+            ("payload changed", Some(flip(payload_start + 2))),
+            ("tag changed", Some(flip(tag_start + 2))),
+            ("tag cut", Some(token[..token.len() - 1].to_string())),
+            ("not a token", Some("x.y.z".to_string())),
+        ] {
+            let a = post_with(&app, bad.as_deref(), 1).await;
+            assert_eq!(a.code, 401, "{what}: {a:?}");
+        }
+        // A signed token is taken from Authorization only, never from the URL.
+        let in_query = app
+            .client
+            .post(format!("{}?token={token}", app.url()))
+            .header("content-type", "application/json")
+            .body(event_body("WHEF_SESSION_CREATED", "s-tok", "r-tok", 1));
+        assert_eq!(
+            answer(in_query.send().await.expect("request")).await.code,
+            401
+        );
+        assert_quiet(&mut consumer, Duration::from_millis(300)).await;
 
-    let a = post_with(&app, Some(&token), 2).await;
-    assert_eq!(a.code, 200, "{a:?}");
-    let got = take(&mut consumer, 1, WAIT).await;
-    assert_eq!(
-        got[0]
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.to_string()),
-        Some(message_id("WHEF_SESSION_CREATED", "s-tok", 2))
-    );
-    app.stop().await;
+        let a = post_with(&app, Some(&token), 2).await;
+        assert_eq!(a.code, 200, "{a:?}");
+        let got = take(&mut consumer, 1, WAIT).await;
+        assert_eq!(
+            got[0]
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string()),
+            Some(message_id("WHEF_SESSION_CREATED", "s-tok", 2))
+        );
+        app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn an_expired_token_gets_401() {
-    let secrets = Secrets::new(&[KEY_NEW]);
-    // Expiry is in whole seconds: a 2 s token lives 1 to 2 s.
-    let app = secrets.spawn(2, |_| {}).await;
-    let token = token(&app).await;
-    assert_eq!(post_with(&app, Some(&token), 1).await.code, 200);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let a = post_with(&app, Some(&token), 2).await;
-    assert_eq!(a.code, 401, "{a:?}");
-    app.stop().await;
+    bounded(async {
+        let secrets = Secrets::new(&[KEY_NEW]);
+        // Expiry is in whole seconds: a 2 s token lives 1 to 2 s.
+        let app = secrets.spawn(2, |_| {}).await;
+        let token = token(&app).await;
+        assert_eq!(post_with(&app, Some(&token), 1).await.code, 200);
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let a = post_with(&app, Some(&token), 2).await;
+        assert_eq!(a.code, 401, "{a:?}");
+        app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_second_bridge_sharing_the_keys_accepts_the_first_ones_token() {
-    let secrets = Secrets::new(&[KEY_NEW]);
-    let first = secrets.spawn(3600, |_| {}).await;
-    let second = secrets.spawn(3600, |_| {}).await;
-    let (_broker, mut consumer) = subscribe(&second).await;
+    bounded(async {
+        let secrets = Secrets::new(&[KEY_NEW]);
+        let first = secrets.spawn(3600, |_| {}).await;
+        let second = secrets.spawn(3600, |_| {}).await;
+        let (_broker, mut consumer) = subscribe(&second).await;
 
-    let token = token(&first).await;
-    let a = post_with(&second, Some(&token), 7).await;
-    assert_eq!(a.code, 200, "{a:?}");
-    take(&mut consumer, 1, WAIT).await;
-    first.stop().await;
-    second.stop().await;
+        let token = token(&first).await;
+        let a = post_with(&second, Some(&token), 7).await;
+        assert_eq!(a.code, 200, "{a:?}");
+        take(&mut consumer, 1, WAIT).await;
+        first.stop().await;
+        second.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn key_rotation_keeps_old_tokens_until_the_old_key_is_removed() {
-    let secrets = Secrets::new(&[KEY_OLD]);
-    let before = secrets.spawn(3600, |_| {}).await;
-    let old_token = token(&before).await;
-    before.stop().await;
+    bounded(async {
+        let secrets = Secrets::new(&[KEY_OLD]);
+        let before = secrets.spawn(3600, |_| {}).await;
+        let old_token = token(&before).await;
+        before.stop().await;
 
-    // Step 1: the new key first, the old one after it. Old tokens still pass.
-    secrets.set_keys(&[KEY_NEW, KEY_OLD]);
-    let rotating = secrets.spawn(3600, |_| {}).await;
-    assert_eq!(post_with(&rotating, Some(&old_token), 1).await.code, 200);
-    let new_token = token(&rotating).await;
-    assert_ne!(new_token, old_token);
-    rotating.stop().await;
+        // Step 1: the new key first, the old one after it. Old tokens still pass.
+        secrets.set_keys(&[KEY_NEW, KEY_OLD]);
+        let rotating = secrets.spawn(3600, |_| {}).await;
+        assert_eq!(post_with(&rotating, Some(&old_token), 1).await.code, 200);
+        let new_token = token(&rotating).await;
+        assert_ne!(new_token, old_token);
+        rotating.stop().await;
 
-    // Step 2, a TTL later: the old key removed. Its tokens are refused, new ones pass.
-    secrets.set_keys(&[KEY_NEW]);
-    let after = secrets.spawn(3600, |_| {}).await;
-    let a = post_with(&after, Some(&old_token), 2).await;
-    assert_eq!(a.code, 401, "{a:?}");
-    assert_eq!(post_with(&after, Some(&new_token), 3).await.code, 200);
-    after.stop().await;
+        // Step 2, a TTL later: the old key removed. Its tokens are refused, new ones pass.
+        secrets.set_keys(&[KEY_NEW]);
+        let after = secrets.spawn(3600, |_| {}).await;
+        let a = post_with(&after, Some(&old_token), 2).await;
+        assert_eq!(a.code, 401, "{a:?}");
+        assert_eq!(post_with(&after, Some(&new_token), 3).await.code, 200);
+        after.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn guessing_credentials_is_slowed_down_with_429_and_retry_after() {
-    let secrets = Secrets::new(&[KEY_NEW]);
-    let app = behind_proxy(&secrets).await;
-    let from = |addr: &str, body: &Value| from(&app, addr, body);
-    let wrong = json!({"username": USERNAME, "password": "guess"});
-    let mut codes = Vec::new();
-    for _ in 0..8 {
-        codes.push(
-            from("192.0.2.66", &wrong)
-                .send()
-                .await
-                .expect("request")
-                .status()
-                .as_u16(),
-        );
-    }
-    assert_eq!(codes, [401, 401, 401, 401, 401, 429, 429, 429]);
-    // Blocked means blocked: even the right password waits.
-    let r = from("192.0.2.66", &password_grant())
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), 429);
-    let retry: u64 = r.headers()["retry-after"]
-        .to_str()
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    assert!((1..=60).contains(&retry), "Retry-After {retry}");
-    let (_, _, body) = parse(r).await;
-    assert_eq!(body["error"], "slow_down");
-    // Another address is not affected.
-    let r = from("192.0.2.67", &password_grant())
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), 200);
-    // After the wait, the right password is accepted and clears the count.
-    tokio::time::sleep(Duration::from_secs(retry) + Duration::from_millis(100)).await;
-    let r = from("192.0.2.66", &password_grant())
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), 200);
-    let r = from("192.0.2.66", &wrong).send().await.expect("request");
-    assert_eq!(r.status(), 401);
-    app.stop().await;
+    bounded(async {
+        let secrets = Secrets::new(&[KEY_NEW]);
+        let app = behind_proxy(&secrets).await;
+        let from = |addr: &str, body: &Value| from(&app, addr, body);
+        let wrong = json!({"username": USERNAME, "password": "guess"});
+        let mut codes = Vec::new();
+        for _ in 0..8 {
+            codes.push(
+                from("192.0.2.66", &wrong)
+                    .send()
+                    .await
+                    .expect("request")
+                    .status()
+                    .as_u16(),
+            );
+        }
+        assert_eq!(codes, [401, 401, 401, 401, 401, 429, 429, 429]);
+        // Blocked means blocked: even the right password waits.
+        let r = from("192.0.2.66", &password_grant())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 429);
+        let retry: u64 = r.headers()["retry-after"]
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!((1..=60).contains(&retry), "Retry-After {retry}");
+        let (_, _, body) = parse(r).await;
+        assert_eq!(body["error"], "slow_down");
+        // Another address is not affected.
+        let r = from("192.0.2.67", &password_grant())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+        // After the wait, the right password is accepted and clears the count.
+        tokio::time::sleep(Duration::from_secs(retry) + Duration::from_millis(100)).await;
+        let r = from("192.0.2.66", &password_grant())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+        let r = from("192.0.2.66", &wrong).send().await.expect("request");
+        assert_eq!(r.status(), 401);
+        app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn no_password_client_secret_key_or_token_appears_in_the_debug_log() {
+    bounded(async {
     let secrets = Secrets::new(&[KEY_NEW, KEY_OLD]);
     let spool = tempfile::tempdir().expect("temp dir");
     let exchange = unique("ex");
@@ -438,10 +461,7 @@ async fn no_password_client_secret_key_or_token_appears_in_the_debug_log() {
         &secrets.config(3600),
         |_| {},
     );
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let client = http_client();
     let url = format!("http://{}/webhooks/cellosign/token", bridge.http);
     let mut tokens = Vec::new();
     for body in [
@@ -506,4 +526,6 @@ async fn no_password_client_secret_key_or_token_appears_in_the_debug_log() {
     drop(bridge);
     let broker = Broker::connect(&amqp_url()).await;
     broker.cleanup(&exchange).await;
+    })
+    .await;
 }

@@ -21,237 +21,266 @@ async fn vectors_through(mode: AckMode) {
 
 #[tokio::test]
 async fn vectors_spooled() {
-    vectors_through(AckMode::Spooled).await;
+    bounded(async {
+        vectors_through(AckMode::Spooled).await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn vectors_confirmed() {
-    vectors_through(AckMode::Confirmed).await;
+    bounded(async {
+        vectors_through(AckMode::Confirmed).await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn the_same_event_again_is_answered_but_published_once() {
-    let app = spawn_app(AckMode::Spooled, |_| {}).await;
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "#").await;
-    let body = event_body("WHEF_SESSION_CREATED", "s-dup", "ref-dup", 1);
-    for _ in 0..3 {
-        assert_eq!(app.post_json(&body).await.code, 200);
-    }
-    // Same message id, different bytes (pretty printed): still the same event.
-    let pretty =
-        serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(&body).unwrap())
-            .unwrap();
-    assert_eq!(app.post_json(&pretty).await.code, 200);
-    let other = event_body("WHEF_SESSION_CREATED", "s-dup", "ref-dup", 2);
-    assert_eq!(app.post_json(&other).await.code, 200);
-    let got = take(&mut consumer, 2, WAIT).await;
-    assert_eq!(got[0].data, body.as_bytes());
-    assert_eq!(got[1].data, other.as_bytes());
-    assert_quiet(&mut consumer, Duration::from_millis(500)).await;
-    let (_, metrics) = app.admin_get("/metrics").await;
-    assert!(
-        metrics.contains("cellosign_bridge_dedup_hits_total 3"),
-        "{metrics}"
-    );
-    app.stop().await;
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |_| {}).await;
+        let exchange = app.settings.amqp.exchange.clone();
+        let broker = Broker::connect(&amqp_url()).await;
+        broker.declare_exchange(&exchange).await;
+        let mut consumer = broker.subscribe(&exchange, "#").await;
+        let body = event_body("WHEF_SESSION_CREATED", "s-dup", "ref-dup", 1);
+        for _ in 0..3 {
+            assert_eq!(app.post_json(&body).await.code, 200);
+        }
+        // Same message id, different bytes (pretty printed): still the same event.
+        let pretty = serde_json::to_string_pretty(
+            &serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(app.post_json(&pretty).await.code, 200);
+        let other = event_body("WHEF_SESSION_CREATED", "s-dup", "ref-dup", 2);
+        assert_eq!(app.post_json(&other).await.code, 200);
+        let got = take(&mut consumer, 2, WAIT).await;
+        assert_eq!(got[0].data, body.as_bytes());
+        assert_eq!(got[1].data, other.as_bytes());
+        assert_quiet(&mut consumer, Duration::from_millis(500)).await;
+        let (_, metrics) = app.admin_get("/metrics").await;
+        assert!(
+            metrics.contains("cellosign_bridge_dedup_hits_total 3"),
+            "{metrics}"
+        );
+        app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_queue_bound_to_one_reference_gets_only_its_events_in_order() {
-    for mode in [AckMode::Spooled, AckMode::Confirmed] {
-        let app = spawn_app(mode, |_| {}).await;
+    bounded(async {
+        for mode in [AckMode::Spooled, AckMode::Confirmed] {
+            let app = spawn_app(mode, |_| {}).await;
+            let exchange = app.settings.amqp.exchange.clone();
+            let broker = Broker::connect(&amqp_url()).await;
+            broker.declare_exchange(&exchange).await;
+            let mut only_b = broker.subscribe(&exchange, "ref-B").await;
+            let mut all = broker.subscribe(&exchange, "#").await;
+            let refs = ["ref-A", "ref-B", "ref-C"];
+            for n in 0..60u64 {
+                let r = refs[(n % 3) as usize];
+                let a = app
+                    .post_json(&event_body(
+                        "WHEF_CLIENT_FORM_SUBMITTED",
+                        &format!("s{n}"),
+                        r,
+                        n,
+                    ))
+                    .await;
+                assert_eq!(a.code, 200, "{a:?}");
+            }
+            let got = take(&mut only_b, 20, WAIT).await;
+            let numbers: Vec<u64> = got
+                .iter()
+                .map(|d| {
+                    assert_eq!(d.routing_key.as_str(), "ref-B");
+                    let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+                    v["session"]["transaction_number"].as_u64().unwrap()
+                })
+                .collect();
+            assert_eq!(
+                numbers,
+                (0..60).filter(|n| n % 3 == 1).collect::<Vec<_>>(),
+                "{mode:?}: in order"
+            );
+            assert_quiet(&mut only_b, Duration::from_millis(300)).await;
+            assert_eq!(take(&mut all, 60, WAIT).await.len(), 60);
+            app.stop().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn routing_key_template_uses_other_fields() {
+    bounded(async {
+        let app = spawn_app(AckMode::Confirmed, |s| {
+            s.amqp.routing_key = "{event.type}.{session.recipient.name}".parse().unwrap()
+        })
+        .await;
         let exchange = app.settings.amqp.exchange.clone();
         let broker = Broker::connect(&amqp_url()).await;
         broker.declare_exchange(&exchange).await;
-        let mut only_b = broker.subscribe(&exchange, "ref-B").await;
-        let mut all = broker.subscribe(&exchange, "#").await;
-        let refs = ["ref-A", "ref-B", "ref-C"];
-        for n in 0..60u64 {
-            let r = refs[(n % 3) as usize];
+        let mut consumer = broker.subscribe(&exchange, "WHEF_SESSION_EXPIRED.*").await;
+        assert_eq!(
+            app.post_json(&event_body("WHEF_SESSION_EXPIRED", "s1", "r1", 1))
+                .await
+                .code,
+            200
+        );
+        let d = take(&mut consumer, 1, WAIT).await;
+        assert_eq!(d[0].routing_key.as_str(), "WHEF_SESSION_EXPIRED.client");
+        // A placeholder whose field is null rejects the event, naming the field.
+        let mut v: serde_json::Value =
+            serde_json::from_str(&event_body("WHEF_SESSION_EXPIRED", "s2", "r2", 2)).unwrap();
+        v["session"]["recipient"] = serde_json::Value::Null;
+        let a = app.post_json(&v.to_string()).await;
+        assert_eq!(a.code, 422);
+        assert!(a.errordesc.contains("session.recipient.name"), "{a:?}");
+        app.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn topology_is_declared_with_the_alternate_exchange() {
+    bounded(async {
+        let queue = unique("q");
+        let app = spawn_app(AckMode::Confirmed, |s| {
+            s.amqp.queues = vec![cellosign_bridge::QueueSettings {
+                name: queue.clone(),
+                kind: cellosign_bridge::QueueKind::Quorum,
+                bindings: vec!["only.this".into()],
+            }]
+        })
+        .await;
+        let exchange = app.settings.amqp.exchange.clone();
+        // Routed by the binding to the declared queue.
+        let mut v: serde_json::Value =
+            serde_json::from_str(&event_body("WHEF_SESSION_CREATED", "s1", "only.this", 1))
+                .unwrap();
+        assert_eq!(app.post_json(&v.to_string()).await.code, 200);
+        // No binding matches: the alternate exchange keeps it, and it still counts as delivered.
+        v["session"]["reference"] = "nobody.listens".into();
+        v["session"]["id"] = "s2".into();
+        assert_eq!(app.post_json(&v.to_string()).await.code, 200);
+        let broker = Broker::connect(&amqp_url()).await;
+        let mut routed = broker.consume(&queue).await;
+        let mut unrouted = broker.consume(&format!("{exchange}.unrouted")).await;
+        assert_eq!(
+            take(&mut routed, 1, WAIT).await[0].routing_key.as_str(),
+            "only.this"
+        );
+        assert_eq!(
+            take(&mut unrouted, 1, WAIT).await[0].routing_key.as_str(),
+            "nobody.listens"
+        );
+        app.stop().await;
+        let _ = broker
+            .channel
+            .queue_delete(
+                queue.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unreachable_broker_in_confirmed_mode_answers_503_quickly() {
+    bounded(async {
+        let app = spawn_app(AckMode::Confirmed, |s| {
+            s.amqp.urls = vec!["amqp://guest:guest@127.0.0.1:1/%2f".into()];
+            s.amqp.publish_timeout_ms = 1000;
+        })
+        .await;
+        let started = std::time::Instant::now();
+        let a = app
+            .post_json(&event_body("WHEF_SESSION_CREATED", "s1", "r1", 1))
+            .await;
+        assert_eq!(a.code, 503, "{a:?}");
+        assert!(a.headers.contains_key("retry-after"));
+        // Bounded by the publish timeout, not hanging (a generous margin: not a timing goal).
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let (code, body) = app.admin_get("/readyz").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("\"connected\":false"), "{body}");
+        app.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unreachable_broker_in_spooled_mode_still_accepts() {
+    bounded(async {
+        let app = spawn_app(AckMode::Spooled, |s| {
+            s.amqp.urls = vec!["amqp://guest:guest@127.0.0.1:1/%2f".into()]
+        })
+        .await;
+        for n in 0..20 {
             let a = app
                 .post_json(&event_body(
-                    "WHEF_CLIENT_FORM_SUBMITTED",
+                    "WHEF_SESSION_CREATED",
                     &format!("s{n}"),
-                    r,
+                    "r1",
                     n,
                 ))
                 .await;
             assert_eq!(a.code, 200, "{a:?}");
         }
-        let got = take(&mut only_b, 20, WAIT).await;
-        let numbers: Vec<u64> = got
-            .iter()
-            .map(|d| {
-                assert_eq!(d.routing_key.as_str(), "ref-B");
-                let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
-                v["session"]["transaction_number"].as_u64().unwrap()
-            })
-            .collect();
-        assert_eq!(
-            numbers,
-            (0..60).filter(|n| n % 3 == 1).collect::<Vec<_>>(),
-            "{mode:?}: in order"
-        );
-        assert_quiet(&mut only_b, Duration::from_millis(300)).await;
-        assert_eq!(take(&mut all, 60, WAIT).await.len(), 60);
+        let (code, body) = app.admin_get("/readyz").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("\"events\":20"), "{body}");
         app.stop().await;
-    }
-}
-
-#[tokio::test]
-async fn routing_key_template_uses_other_fields() {
-    let app = spawn_app(AckMode::Confirmed, |s| {
-        s.amqp.routing_key = "{event.type}.{session.recipient.name}".parse().unwrap()
     })
     .await;
-    let exchange = app.settings.amqp.exchange.clone();
-    let broker = Broker::connect(&amqp_url()).await;
-    broker.declare_exchange(&exchange).await;
-    let mut consumer = broker.subscribe(&exchange, "WHEF_SESSION_EXPIRED.*").await;
-    assert_eq!(
-        app.post_json(&event_body("WHEF_SESSION_EXPIRED", "s1", "r1", 1))
-            .await
-            .code,
-        200
-    );
-    let d = take(&mut consumer, 1, WAIT).await;
-    assert_eq!(d[0].routing_key.as_str(), "WHEF_SESSION_EXPIRED.client");
-    // A placeholder whose field is null rejects the event, naming the field.
-    let mut v: serde_json::Value =
-        serde_json::from_str(&event_body("WHEF_SESSION_EXPIRED", "s2", "r2", 2)).unwrap();
-    v["session"]["recipient"] = serde_json::Value::Null;
-    let a = app.post_json(&v.to_string()).await;
-    assert_eq!(a.code, 422);
-    assert!(a.errordesc.contains("session.recipient.name"), "{a:?}");
-    app.stop().await;
-}
-
-#[tokio::test]
-async fn topology_is_declared_with_the_alternate_exchange() {
-    let queue = unique("q");
-    let app = spawn_app(AckMode::Confirmed, |s| {
-        s.amqp.queues = vec![cellosign_bridge::QueueSettings {
-            name: queue.clone(),
-            kind: cellosign_bridge::QueueKind::Quorum,
-            bindings: vec!["only.this".into()],
-        }]
-    })
-    .await;
-    let exchange = app.settings.amqp.exchange.clone();
-    // Routed by the binding to the declared queue.
-    let mut v: serde_json::Value =
-        serde_json::from_str(&event_body("WHEF_SESSION_CREATED", "s1", "only.this", 1)).unwrap();
-    assert_eq!(app.post_json(&v.to_string()).await.code, 200);
-    // No binding matches: the alternate exchange keeps it, and it still counts as delivered.
-    v["session"]["reference"] = "nobody.listens".into();
-    v["session"]["id"] = "s2".into();
-    assert_eq!(app.post_json(&v.to_string()).await.code, 200);
-    let broker = Broker::connect(&amqp_url()).await;
-    let mut routed = broker.consume(&queue).await;
-    let mut unrouted = broker.consume(&format!("{exchange}.unrouted")).await;
-    assert_eq!(
-        take(&mut routed, 1, WAIT).await[0].routing_key.as_str(),
-        "only.this"
-    );
-    assert_eq!(
-        take(&mut unrouted, 1, WAIT).await[0].routing_key.as_str(),
-        "nobody.listens"
-    );
-    app.stop().await;
-    let _ = broker
-        .channel
-        .queue_delete(
-            queue.as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await;
-}
-
-#[tokio::test]
-async fn unreachable_broker_in_confirmed_mode_answers_503_quickly() {
-    let app = spawn_app(AckMode::Confirmed, |s| {
-        s.amqp.urls = vec!["amqp://guest:guest@127.0.0.1:1/%2f".into()];
-        s.amqp.publish_timeout_ms = 1000;
-    })
-    .await;
-    let started = std::time::Instant::now();
-    let a = app
-        .post_json(&event_body("WHEF_SESSION_CREATED", "s1", "r1", 1))
-        .await;
-    assert_eq!(a.code, 503, "{a:?}");
-    assert!(a.headers.contains_key("retry-after"));
-    // Bounded by the publish timeout, not hanging (a generous margin: not a timing goal).
-    assert!(started.elapsed() < Duration::from_secs(10));
-    let (code, body) = app.admin_get("/readyz").await;
-    assert_eq!(code, 503, "{body}");
-    assert!(body.contains("\"connected\":false"), "{body}");
-    app.stop().await;
-}
-
-#[tokio::test]
-async fn unreachable_broker_in_spooled_mode_still_accepts() {
-    let app = spawn_app(AckMode::Spooled, |s| {
-        s.amqp.urls = vec!["amqp://guest:guest@127.0.0.1:1/%2f".into()]
-    })
-    .await;
-    for n in 0..20 {
-        let a = app
-            .post_json(&event_body(
-                "WHEF_SESSION_CREATED",
-                &format!("s{n}"),
-                "r1",
-                n,
-            ))
-            .await;
-        assert_eq!(a.code, 200, "{a:?}");
-    }
-    let (code, body) = app.admin_get("/readyz").await;
-    assert_eq!(code, 200, "{body}");
-    assert!(body.contains("\"events\":20"), "{body}");
-    app.stop().await;
 }
 
 #[tokio::test]
 async fn http_errors_follow_the_contract() {
-    let app = spawn_app(AckMode::Confirmed, |_| {}).await;
-    let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
-    let c = &app.client;
-    let r = answer(
-        c.post(format!("http://{}/elsewhere", app.http))
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(r.code, 404);
-    let r = answer(c.get(app.url()).send().await.unwrap()).await;
-    assert_eq!(r.code, 405);
-    assert_eq!(r.headers.get("allow").unwrap(), "POST");
-    let r = app.post(body.clone(), Some("text/plain")).await;
-    assert_eq!(r.code, 415);
-    // No Content-Type at all is accepted.
-    let r = app.post(body.clone(), None).await;
-    assert_eq!(r.code, 200, "{r:?}");
-    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(300 * 1024));
-    let r = app.post_json(&big).await;
-    assert_eq!(r.code, 413);
-    let r = app
-        .post(vec![0xff, 0xfe, b'{'], Some("application/json"))
+    bounded(async {
+        let app = spawn_app(AckMode::Confirmed, |_| {}).await;
+        let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
+        let c = &app.client;
+        let r = answer(
+            c.post(format!("http://{}/elsewhere", app.http))
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap(),
+        )
         .await;
-    assert_eq!(r.code, 400);
-    // A second `session` after a valid one: a consumer could read either reference.
-    let dup = format!(
-        "{},\"session\":{{\"id\":\"s1\",\"reference\":\"other\",\"transaction_number\":1}}}}",
-        &body[..body.len() - 1]
-    );
-    let r = app.post_json(&dup).await;
-    assert_eq!(r.code, 422);
-    assert!(r.errordesc.contains("duplicate"), "{r:?}");
-    app.stop().await;
+        assert_eq!(r.code, 404);
+        let r = answer(c.get(app.url()).send().await.unwrap()).await;
+        assert_eq!(r.code, 405);
+        assert_eq!(r.headers.get("allow").unwrap(), "POST");
+        let r = app.post(body.clone(), Some("text/plain")).await;
+        assert_eq!(r.code, 415);
+        // No Content-Type at all is accepted.
+        let r = app.post(body.clone(), None).await;
+        assert_eq!(r.code, 200, "{r:?}");
+        let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(300 * 1024));
+        let r = app.post_json(&big).await;
+        assert_eq!(r.code, 413);
+        let r = app
+            .post(vec![0xff, 0xfe, b'{'], Some("application/json"))
+            .await;
+        assert_eq!(r.code, 400);
+        // A second `session` after a valid one: a consumer could read either reference.
+        let dup = format!(
+            "{},\"session\":{{\"id\":\"s1\",\"reference\":\"other\",\"transaction_number\":1}}}}",
+            &body[..body.len() - 1]
+        );
+        let r = app.post_json(&dup).await;
+        assert_eq!(r.code, 422);
+        assert!(r.errordesc.contains("duplicate"), "{r:?}");
+        app.stop().await;
+    })
+    .await;
 }
 
 /// SPEC 9 `client`: the client object of `WHEF_CLIENT_*` events (personal data:
@@ -259,6 +288,7 @@ async fn http_errors_follow_the_contract() {
 /// the bridge's log at its default level.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_object_passes_through_and_is_never_logged() {
+    bounded(async {
     const TOKEN: &str = "client-token";
     const IP: &str = "198.51.100.77";
     const AGENT: &str = "CanaryAgent/7.7 (client-object-test)";
@@ -268,10 +298,7 @@ async fn the_client_object_passes_through_and_is_never_logged() {
     let mut consumer = broker.subscribe(&exchange, "#").await;
     let spool = tempfile::tempdir().expect("temp dir");
     let bridge = BridgeProcess::start(spool.path(), &amqp_url(), &exchange, TOKEN, &[]);
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let client = http_client();
     let types = [
         "WHEF_CLIENT_LOGGED_IN",
         "WHEF_CLIENT_FORM_LOADED",
@@ -315,4 +342,6 @@ async fn the_client_object_passes_through_and_is_never_logged() {
     );
     drop(bridge);
     broker.cleanup(&exchange).await;
+    })
+    .await;
 }

@@ -19,6 +19,38 @@ use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// How long one test may run before it fails instead of holding the suite.
+pub const TEST_LIMIT: Duration = Duration::from_secs(240);
+
+/// Runs `test` under [`TEST_LIMIT`]: a hung test fails with a message instead of
+/// holding CI.
+pub async fn bounded(test: impl std::future::Future<Output = ()>) {
+    bounded_within(TEST_LIMIT, test).await;
+}
+
+/// Runs `test` under `limit` (for the few tests that legitimately need longer or
+/// should fail sooner than [`TEST_LIMIT`]).
+pub async fn bounded_within(limit: Duration, test: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(limit, test).await.is_err() {
+        panic!("test did not finish within {limit:?}");
+    }
+}
+
+/// How long the test HTTP client waits for any one answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long [`TestApp::stop`] waits for the application to end, and for the cleanup.
+pub const STOP_LIMIT: Duration = Duration::from_secs(30);
+
+/// An HTTP client that never waits for ever: no proxy, and [`REQUEST_TIMEOUT`].
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .expect("HTTP client")
+}
+
 /// The broker tests use: `AMQP_ADDR`, else the local one.
 pub fn amqp_url() -> String {
     std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -80,6 +112,55 @@ pub struct TestApp {
     _spool: tempfile::TempDir,
 }
 
+impl Drop for TestApp {
+    /// A test that panics (or drops its app without [`TestApp::stop`]) still stops
+    /// the application and removes what it declared on the shared broker, on a
+    /// thread of its own (blocking inside the runtime could deadlock it), bounded.
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        task.abort();
+        let urls = self.broker_urls();
+        let exchange = self.settings.amqp.exchange.clone();
+        let cleaner = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let _ = tokio::time::timeout(STOP_LIMIT, cleanup_on(&urls, &exchange)).await;
+            });
+        });
+        // Bounded by STOP_LIMIT inside; join so that the cleanup is done when the test ends.
+        let _ = cleaner.join();
+    }
+}
+
+/// Removes what a bridge with `exchange` declared, on the first of `urls` it can
+/// connect to.
+async fn cleanup_on(urls: &[String], exchange: &str) {
+    for url in urls {
+        let connect = Connection::connect(url, ConnectionProperties::default());
+        if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await
+            && let Ok(channel) = connection.create_channel().await
+        {
+            Broker {
+                connection,
+                channel,
+            }
+            .cleanup(exchange)
+            .await;
+            return;
+        }
+    }
+}
+
 /// Starts the real application with `configure` applied to [`test_settings`].
 pub async fn spawn_app(mode: AckMode, configure: impl FnOnce(&mut Settings)) -> TestApp {
     let spool = tempfile::tempdir().expect("temp dir");
@@ -102,7 +183,7 @@ pub async fn spawn_with(settings: Settings, spool: tempfile::TempDir) -> TestApp
         http,
         admin,
         settings,
-        client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        client: http_client(),
         stop: Some(tx),
         task: Some(task),
         _spool: spool,
@@ -119,6 +200,52 @@ pub struct Answer {
 }
 
 impl TestApp {
+    /// The broker URLs of its settings, in order.
+    fn broker_urls(&self) -> Vec<String> {
+        self.settings
+            .amqp
+            .urls
+            .iter()
+            .map(|u| u.expose().to_string())
+            .collect()
+    }
+
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let (code, text) = self.admin_get("/metrics").await;
+        assert_eq!(code, 200, "/metrics: {text}");
+        text
+    }
+
+    /// The value of one exact series of `/metrics` (see [`series_value`]); 0 when the
+    /// series is absent, as a labelled counter is until its first increment.
+    pub async fn metric(&self, series: &str) -> f64 {
+        series_value(&self.metrics().await, series).unwrap_or(0.0)
+    }
+
+    /// Polls the series until `wanted` holds for its value, at most `within`;
+    /// returns the value.
+    pub async fn wait_metric(
+        &self,
+        series: &str,
+        within: Duration,
+        wanted: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let text = self.metrics().await;
+            let value = series_value(&text, series).unwrap_or(0.0);
+            if wanted(value) {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} is {value} after {within:?}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The webhook URL.
     pub fn url(&self) -> String {
         format!("http://{}{}", self.http, self.settings.http.path)
@@ -193,30 +320,63 @@ impl TestApp {
         }
     }
 
-    /// Stops the app as SIGTERM would, waits for it, and removes what it declared
-    /// on the broker (its exchange, and the alternate exchange with its queue).
+    /// Stops the app as SIGTERM would, waits for it (at most [`STOP_LIMIT`]), and
+    /// removes what it declared on the broker (its exchange, and the alternate
+    /// exchange with its queue), also bounded.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        if let Some(task) = self.task.take()
-            && let Err(failure) = task.await.expect("app task")
-        {
-            panic!("the application failed: {failure}");
+        let mut failed = None;
+        if let Some(mut task) = self.task.take() {
+            failed = match tokio::time::timeout(STOP_LIMIT, &mut task).await {
+                Ok(Ok(Ok(()))) => None,
+                Ok(Ok(Err(failure))) => Some(format!("the application failed: {failure}")),
+                Ok(Err(join)) => Some(format!("the application task ended abnormally: {join}")),
+                Err(_) => {
+                    task.abort();
+                    Some(format!(
+                        "the application did not stop within {STOP_LIMIT:?}"
+                    ))
+                }
+            };
         }
-        let url = self.settings.amqp.urls[0].expose();
-        let connect = Connection::connect(url, ConnectionProperties::default());
-        if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connect).await
-            && let Ok(channel) = connection.create_channel().await
-        {
-            Broker {
-                connection,
-                channel,
-            }
-            .cleanup(&self.settings.amqp.exchange)
-            .await;
+        let urls = self.broker_urls();
+        let _ =
+            tokio::time::timeout(STOP_LIMIT, cleanup_on(&urls, &self.settings.amqp.exchange)).await;
+        if let Some(failed) = failed {
+            panic!("{failed}");
         }
     }
+}
+
+/// The value of the series `series` in OpenMetrics text: a metric name with its
+/// labels exactly as rendered, e.g. `cellosign_bridge_broker_connected` or
+/// `cellosign_bridge_events_rejected_total{reason="unauthorized"}`; None if absent.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| match l.rsplit_once(' ') {
+            Some((name, value)) if name == series => value.parse().ok(),
+            _ => None,
+        })
+}
+
+/// The sum of every series of the metric `name` over its labels (`name` and
+/// `name{...}` lines; not `name_bucket` and the like).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            if metric == name {
+                value.parse::<f64>().ok()
+            } else {
+                None
+            }
+        })
+        .sum()
 }
 
 /// Parses any bridge answer, checking the invariants every answer has.
@@ -357,6 +517,37 @@ impl Broker {
             )
             .await
             .expect("exchange");
+    }
+
+    /// True if `exchange` exists (a passive declare, on a channel of its own since a
+    /// failed one closes its channel).
+    pub async fn exchange_exists(&self, exchange: &str) -> bool {
+        let Ok(channel) = self.connection.create_channel().await else {
+            return false;
+        };
+        let passive = lapin::options::ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let found = channel
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = channel.close(200, "done".into()).await;
+        found
+    }
+
+    /// Deletes `queue`, if it exists.
+    pub async fn delete_queue(&self, queue: &str) {
+        let _ = self
+            .channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
     }
 
     /// Removes what a test's bridge declared.
@@ -524,6 +715,14 @@ pub fn id_of(d: &Delivery) -> String {
         .as_ref()
         .map(|s| s.to_string())
         .unwrap_or_default()
+}
+
+/// The message ids of `deliveries`, in order.
+pub fn message_ids(deliveries: &[Delivery]) -> Vec<String> {
+    deliveries
+        .iter()
+        .filter_map(|d| d.properties.message_id().as_ref().map(|m| m.to_string()))
+        .collect()
 }
 
 /// Asserts that nothing more arrives for `quiet`.
