@@ -42,6 +42,25 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Durat
         .map(|()| start.elapsed())
 }
 
+/// Asserts that `conn`, idle since `since` under a 1500 ms idle timeout, is still
+/// open a second in and closed by the timer, before `latest`; `what` names it.
+async fn assert_closed_by_the_idle_timer(
+    conn: &mut TcpStream,
+    since: Instant,
+    latest: Duration,
+    what: &str,
+) {
+    let early = closed_within(conn, Duration::from_millis(1000)).await;
+    assert_eq!(early, None, "{what}: closed before idle_timeout (1500 ms)");
+    let late = closed_within(conn, Duration::from_secs(5)).await;
+    assert!(late.is_some(), "{what}: still open after 6 s");
+    let took = since.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < latest,
+        "{what}: closed after {took:?}, idle_timeout is 1500 ms"
+    );
+}
+
 /// A webhook POST as raw HTTP/1.1 bytes (keep-alive).
 fn raw_post(body: &str) -> String {
     format!(
@@ -147,21 +166,9 @@ async fn only_the_http2_preface_is_closed_after_the_idle_timeout() {
         let mut preface = TcpStream::connect(app.http).await.unwrap();
         let start = Instant::now();
         preface.write_all(H2_PREFACE).await.unwrap();
-        let first = closed_within(&mut preface, Duration::from_millis(1000)).await;
-        assert_eq!(
-            first, None,
-            "closed before idle_timeout (1500 ms) though the preface was sent"
-        );
-        let rest = closed_within(&mut preface, Duration::from_secs(5)).await;
-        assert!(
-            rest.is_some(),
-            "a connection with only the HTTP/2 preface is still open after 6 s"
-        );
-        let took = start.elapsed();
-        assert!(
-            took >= Duration::from_millis(1400) && took < Duration::from_millis(4000),
-            "closed after {took:?}, idle_timeout is 1500 ms"
-        );
+        let what = "a connection with only the HTTP/2 preface";
+        assert_closed_by_the_idle_timer(&mut preface, start, Duration::from_millis(4000), what)
+            .await;
         app.stop().await;
     })
     .await;
@@ -185,21 +192,9 @@ async fn http1_keep_alive_is_closed_after_the_idle_timeout_not_the_header_timeou
         conn.write_all(raw_post(&body).as_bytes()).await.unwrap();
         assert_eq!(read_response(&mut conn).await, 200);
         let answered = Instant::now();
-        let early = closed_within(&mut conn, Duration::from_millis(1000)).await;
-        assert_eq!(
-            early, None,
-            "a keep-alive connection was closed before idle_timeout (1500 ms)"
-        );
-        let late = closed_within(&mut conn, Duration::from_secs(5)).await;
-        assert!(
-            late.is_some(),
-            "an idle keep-alive connection is still open after 6 s"
-        );
-        let took = answered.elapsed();
-        assert!(
-            took >= Duration::from_millis(1400) && took < Duration::from_millis(3500),
-            "closed {took:?} after the last answer, idle_timeout is 1500 ms"
-        );
+        let what = "an idle keep-alive connection";
+        assert_closed_by_the_idle_timer(&mut conn, answered, Duration::from_millis(3500), what)
+            .await;
         app.stop().await;
     })
     .await;
