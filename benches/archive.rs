@@ -9,9 +9,12 @@
 //!    until all accepted ones are published, with `http.archive_max_in_flight` 4
 //!    (the default: four get 429) and 8.
 //!
-//! `amqp.max_message_bytes` is raised to 64 MiB: 20 and 50 MB are over its 16 MiB
-//! default. Peak RSS is `VmHWM`, reset through `/proc/<pid>/clear_refs` before each
-//! figure. Needs RabbitMQ at `AMQP_ADDR` (default the local one); declares a unique
+//! Each in two setups: the shipped limits with a claim-check store (`file://` in a
+//! temporary directory; 20 and 50 MB are over the 16 MiB `amqp.max_message_bytes`,
+//! so they are stored and a small document is published), and without a store with
+//! `amqp.max_message_bytes` raised to 64 MiB (the body itself is spooled and
+//! published). Peak RSS is `VmHWM`, reset through `/proc/<pid>/clear_refs` before
+//! each figure. Needs RabbitMQ at `AMQP_ADDR` (default the local one); declares a unique
 //! exchange and deletes it, with its unrouted queue, afterwards.
 
 #[allow(dead_code)]
@@ -82,19 +85,38 @@ async fn drained(client: &reqwest::Client, bridge: &BridgeProcess) {
 }
 
 /// Starts the bridge binary on its own spool and exchange.
-fn start(spool: &std::path::Path, exchange: &str, in_flight: usize) -> BridgeProcess {
+/// Where a large body goes: to a claim-check store (the shipped 16 MiB message
+/// limit), or inline into the spool and the message (the limit raised to 64 MiB).
+#[derive(Clone, Copy)]
+enum Setup {
+    ClaimCheck,
+    Inline,
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::ClaimCheck => "claim check (file://, shipped limits)",
+            Setup::Inline => "inline (max_message_bytes 64 MiB)",
+        }
+    }
+}
+
+fn start(spool: &std::path::Path, exchange: &str, in_flight: usize, setup: Setup) -> BridgeProcess {
     let in_flight = in_flight.to_string();
-    BridgeProcess::start(
-        spool,
-        &amqp_url(),
-        exchange,
-        TOKEN,
-        &[
-            ("BRIDGE_AMQP__MAX_MESSAGE_BYTES", "67108864"),
-            ("BRIDGE_HTTP__ARCHIVE_MAX_IN_FLIGHT", &in_flight),
-            ("BRIDGE_HTTP__BODY_READ_TIMEOUT_MS", "60000"),
-        ],
-    )
+    let mut env = vec![
+        ("BRIDGE_HTTP__ARCHIVE_MAX_IN_FLIGHT", in_flight),
+        ("BRIDGE_HTTP__BODY_READ_TIMEOUT_MS", "60000".to_owned()),
+    ];
+    match setup {
+        Setup::ClaimCheck => env.push((
+            "BRIDGE_ARCHIVE__STORE_URL",
+            format!("file://{}", spool.join("claims").display()),
+        )),
+        Setup::Inline => env.push(("BRIDGE_AMQP__MAX_MESSAGE_BYTES", "67108864".to_owned())),
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    BridgeProcess::start(spool, &amqp_url(), exchange, TOKEN, &env)
 }
 
 /// Posts `body` to the archive path: the HTTP code (0: no answer, the connection
@@ -127,9 +149,9 @@ async fn post(
 }
 
 /// One archive of each size, one after the other: latency to "0" and peak RSS.
-async fn single(client: &reqwest::Client, exchange: &str) {
+async fn single(client: &reqwest::Client, exchange: &str, setup: Setup) {
     let spool = tempfile::tempdir().expect("tempdir");
-    let bridge = start(spool.path(), exchange, 4);
+    let bridge = start(spool.path(), exchange, 4, setup);
     // Warm up the broker link and the connection.
     post(client, &bridge, archive("warm", "ref-bench", 1000)).await;
     drained(client, &bridge).await;
@@ -139,7 +161,8 @@ async fn single(client: &reqwest::Client, exchange: &str) {
         let (code, _, latency) = post(client, &bridge, body).await;
         drained(client, &bridge).await;
         println!(
-            "archive of {mb} MB: HTTP {code} in {:.1} ms; bridge peak RSS {:.0} MiB ({before:.0} MiB before)",
+            "{}: archive of {mb} MB: HTTP {code} in {:.1} ms; bridge peak RSS {:.0} MiB ({before:.0} MiB before)",
+            setup.name(),
             latency.as_secs_f64() * 1e3,
             status_mib(bridge.pid(), "VmHWM"),
         );
@@ -147,9 +170,9 @@ async fn single(client: &reqwest::Client, exchange: &str) {
 }
 
 /// Eight 50 MB archives posted at once.
-async fn eight_at_once(client: &reqwest::Client, exchange: &str, in_flight: usize) {
+async fn eight_at_once(client: &reqwest::Client, exchange: &str, in_flight: usize, setup: Setup) {
     let spool = tempfile::tempdir().expect("tempdir");
-    let bridge = start(spool.path(), exchange, in_flight);
+    let bridge = start(spool.path(), exchange, in_flight, setup);
     post(client, &bridge, archive("warm", "ref-bench", 1000)).await;
     drained(client, &bridge).await;
     let bodies: Vec<String> = (0..8)
@@ -172,7 +195,8 @@ async fn eight_at_once(client: &reqwest::Client, exchange: &str, in_flight: usiz
         *codes.entry(format!("{code} {reason}")).or_insert(0) += 1;
     }
     println!(
-        "8 archives of 50 MB at once, archive_max_in_flight {in_flight}: answers {codes:?} within {:.1} s; bridge peak RSS {:.0} MiB ({before:.0} MiB before)",
+        "{}: 8 archives of 50 MB at once, archive_max_in_flight {in_flight}: answers {codes:?} within {:.1} s; bridge peak RSS {:.0} MiB ({before:.0} MiB before)",
+        setup.name(),
         answered.as_secs_f64(),
         status_mib(bridge.pid(), "VmHWM"),
     );
@@ -185,9 +209,11 @@ async fn main() {
         .no_proxy()
         .build()
         .expect("client");
-    single(&client, &exchange).await;
-    for in_flight in [4, 8] {
-        eight_at_once(&client, &exchange, in_flight).await;
+    for setup in [Setup::ClaimCheck, Setup::Inline] {
+        single(&client, &exchange, setup).await;
+        for in_flight in [4, 8] {
+            eight_at_once(&client, &exchange, in_flight, setup).await;
+        }
     }
     // Remove what the bridges declared (the unrouted queue holds every archive).
     if let Ok(c) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
