@@ -152,6 +152,66 @@ async fn client_networks_are_enforced_behind_trusted_proxies() {
     .await;
 }
 
+/// README "HTTP contract": without `http.trusted_proxies` the client address checked
+/// against `auth.allow_from` is the socket peer, over IPv4 and IPv6, and an
+/// `X-Forwarded-For` from that (untrusted) peer changes nothing either way.
+#[tokio::test]
+async fn allow_from_checks_the_socket_peer_over_ipv4_and_ipv6_without_trusted_proxies() {
+    bounded(async {
+        // (listener, allow_from, expected code, an X-Forwarded-For that must not change it)
+        let cases = [
+            ("127.0.0.1:0", "127.0.0.1/32", 200, "192.0.2.1"),
+            ("127.0.0.1:0", "10.0.0.0/8", 403, "10.1.2.3"),
+            ("[::1]:0", "::1/128", 200, "2001:db8::1"),
+            ("[::1]:0", "fd00::/8", 403, "fd00::1"),
+        ];
+        for (n, (listen, allowed, expect, forwarded)) in cases.into_iter().enumerate() {
+            let app = spawn_app(AckMode::Spooled, |s| {
+                s.http.listen = listen.parse().expect("listen address");
+                s.auth.allow_from = vec![allowed.parse().expect("cidr")];
+            })
+            .await;
+            assert!(app.settings.http.trusted_proxies.is_empty());
+            assert_eq!(
+                app.http.is_ipv6(),
+                listen.starts_with('['),
+                "listening on {}",
+                app.http
+            );
+            let case = format!("peer {} with allow_from [{allowed}]", app.http.ip());
+            let body =
+                |k: u64| event_body("WHEF_SESSION_CREATED", &format!("peer{n}"), "r-peer", k);
+            let a = app.post_json(&body(1)).await;
+            assert_eq!(a.code, expect, "{case}: {a:?}");
+            let r = app
+                .client
+                .post(app.url())
+                .header("content-type", "application/json")
+                .header("x-forwarded-for", forwarded)
+                .body(body(2))
+                .send()
+                .await
+                .expect("request sent");
+            let a = answer(r).await;
+            assert_eq!(
+                a.code, expect,
+                "{case} and X-Forwarded-For {forwarded} from an untrusted peer: {a:?}"
+            );
+            if expect == 403 {
+                assert_eq!(a.errordesc, "client address not allowed", "{case}");
+                assert_eq!(
+                    app.metric(r#"cellosign_bridge_events_rejected_total{reason="forbidden"}"#)
+                        .await,
+                    2.0,
+                    "{case}"
+                );
+            }
+            app.stop().await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_chunked_body_over_the_limit_gets_413_without_the_rest_being_read() {
     bounded(async {
