@@ -370,8 +370,11 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
     .await;
 }
 
+/// TLS on the public listener: a webhook over TLS is answered "0" and its event
+/// reaches the broker byte for byte, with its routing key and the contract's
+/// properties; plain HTTP on the TLS port gets nowhere.
 #[tokio::test]
-async fn tls_on_the_public_listener() {
+async fn tls_on_the_public_listener_takes_the_event_to_the_broker_byte_for_byte() {
     bounded(async {
     use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
@@ -396,12 +399,19 @@ async fn tls_on_the_public_listener() {
         .with_root_certificates(roots)
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let (_broker, mut consumer) = app.subscribe("#").await;
     let tcp = TcpStream::connect(app.http).await.unwrap();
     let mut tls = connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
-    let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
+    // Whitespace, escapes and multi-byte UTF-8 the bridge must pass on untouched.
+    let body = concat!(
+        "{ \"event\": {\"type\":\"WHEF_SESSION_CREATED\", \"timestamp\":\"2025-01-26T08:49:33.626046\"},\n",
+        "  \"session\": {\"id\":\"s-tls\",\"reference\":\"r-tls\",\"transaction_number\":1,",
+        "\"labels\":{\"NOTE\":\"caf\\u00e9 \u{05e9}\u{05dc}\u{05d5}\u{05dd}\"}},\n",
+        "  \"extra\": [1, 2.50, null] }"
+    );
     let req = format!(
         "POST {} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         app.settings.http.path,
@@ -416,9 +426,19 @@ async fn tls_on_the_public_listener() {
     let got = String::from_utf8_lossy(&out);
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(got.ends_with(r#"{"status":"0","errordesc":""}"#), "{got}");
+    let delivered = take(&mut consumer, 1, WAIT).await;
+    let d = &delivered[0];
+    assert_eq!(
+        std::str::from_utf8(&d.data),
+        Ok(body),
+        "the body over TLS, byte for byte"
+    );
+    assert_eq!(d.routing_key.as_str(), "r-tls");
+    assert_contract_properties(d, "over TLS");
     // Plain HTTP on the TLS port gets nowhere.
     let plain = app.client.post(app.url()).body(body).send().await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    assert_quiet(&mut consumer, Duration::from_millis(300)).await;
     app.stop().await;
     })
     .await;
