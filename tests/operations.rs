@@ -12,6 +12,7 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use support::bridge_process::BridgeProcess;
 use support::tcp_proxy::{CutMode, TcpProxy};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -208,6 +209,108 @@ async fn allow_from_checks_the_socket_peer_over_ipv4_and_ipv6_without_trusted_pr
             }
             app.stop().await;
         }
+    })
+    .await;
+}
+
+/// The bridge's request log lines (target `cellosign_bridge::request`, message
+/// `webhook`) in its JSON log, once there are `n` of them (at most 10 s).
+async fn request_lines(bridge: &BridgeProcess, n: usize) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = bridge.log();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "cellosign_bridge::request" && v["message"] == "webhook")
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} request lines logged:\n{log}",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// README "Logs": one JSON line per request, target `cellosign_bridge::request`, with
+/// method, path (never the query, which may hold the token), peer, HTTP code, event
+/// type, session id, reference, latency and reason; from a real bridge's log.
+#[tokio::test]
+async fn each_request_logs_one_line_with_the_documented_fields_and_never_the_query() {
+    bounded(async {
+        const TOKEN: &str = "log-line-token-9Qz";
+        let exchange = unique("logline");
+        let spool = tempfile::tempdir().expect("temp dir");
+        let bridge = BridgeProcess::start(spool.path(), &amqp_url(), &exchange, TOKEN, &[]);
+        let client = http_client();
+        let plain_url = format!("http://{}/webhooks/cellosign", bridge.http);
+        let post = |url: &str, body: String| {
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+        };
+        // Accepted, with the token in the query.
+        let accepted = event_body("WHEF_CLIENT_FORM_LOADED", "s-logline", "r-logline", 1);
+        let a = answer(post(&bridge.url(TOKEN), accepted).send().await.expect("post")).await;
+        assert_eq!(a.code, 200, "{a:?}");
+        // Refused before the body: no token.
+        let body = event_body("WHEF_CLIENT_FORM_LOADED", "s-logline", "r-logline", 2);
+        let a = answer(post(&plain_url, body).send().await.expect("post")).await;
+        assert_eq!(a.code, 401, "{a:?}");
+        // Refused by validation: no reference.
+        let invalid = r#"{"event":{"type":"WHEF_SESSION_CREATED","timestamp":"2025-01-26T08:49:33.626046"},"session":{"id":"s-bad","transaction_number":1}}"#;
+        let a = answer(
+            post(&plain_url, invalid.to_string())
+                .header("x-webhook-token", TOKEN)
+                .send()
+                .await
+                .expect("post"),
+        )
+        .await;
+        assert_eq!(a.code, 422, "{a:?}");
+        let reason_422 = a.errordesc;
+
+        request_lines(&bridge, 3).await;
+        // No more come: one line per request, in the order they were answered.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let lines = request_lines(&bridge, 3).await;
+        assert_eq!(lines.len(), 3, "one line per request: {lines:?}");
+        let expected = [
+            (200, "WHEF_CLIENT_FORM_LOADED", "s-logline", "r-logline", ""),
+            (401, "-", "-", "-", "missing or invalid token"),
+            (422, "-", "-", "-", reason_422.as_str()),
+        ];
+        for (line, (code, event_type, session_id, reference, reason)) in
+            lines.iter().zip(expected)
+        {
+            assert_eq!(line["level"], "INFO", "{line}");
+            assert_eq!(line["method"], "POST", "{line}");
+            assert_eq!(
+                line["path"], "/webhooks/cellosign",
+                "the path, never the query: {line}"
+            );
+            assert_eq!(line["peer"], "127.0.0.1", "{line}");
+            assert_eq!(line["code"], code, "{line}");
+            assert_eq!(line["event_type"], event_type, "{line}");
+            assert_eq!(line["session_id"], session_id, "{line}");
+            assert_eq!(line["reference"], reference, "{line}");
+            assert_eq!(line["reason"], reason, "{line}");
+            let latency = line["latency_ms"].as_f64().unwrap_or(-1.0);
+            assert!(
+                (0.0..REQUEST_TIMEOUT.as_secs_f64() * 1000.0).contains(&latency),
+                "latency_ms: {line}"
+            );
+        }
+        assert!(reason_422.contains("session.reference"), "{reason_422}");
+        let log = bridge.log();
+        assert!(!log.contains(TOKEN), "the token is in the log:\n{log}");
+        drop(bridge);
+        Broker::connect(&amqp_url()).await.cleanup(&exchange).await;
     })
     .await;
 }
