@@ -113,6 +113,32 @@ fn bad_values_are_refused_naming_the_key() {
     assert!(err.contains("/nonexistent/bridge.toml"), "{err}");
 }
 
+/// An empty token would let `?token=` or an empty `X-Webhook-Token` in, and no
+/// start-up warning would say the webhook is open: it stops the start naming
+/// `auth.tokens`, as does a token with whitespace (which a header cannot carry intact).
+#[test]
+fn an_empty_or_blank_token_stops_the_start_naming_auth_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    for tokens in [r#"[""]"#, r#"["good", ""]"#, r#"["two words"]"#, r#"[" "]"#] {
+        let file = write(
+            dir.path(),
+            "tokens.toml",
+            &format!("[auth]\ntokens = {tokens}\n"),
+        );
+        let err = match load(None, None, Some(&file), &[]) {
+            Ok(_) => panic!("tokens = {tokens} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("auth.tokens"), "{tokens}: {err}");
+    }
+    // In the environment an empty item is no token at all, not an empty token.
+    let s = load(None, None, None, &[("BRIDGE_AUTH__TOKENS", "a,,b")]).unwrap();
+    assert_eq!(
+        s.auth.tokens.iter().map(|t| t.expose()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+}
+
 #[test]
 fn archive_keys_have_their_defaults_and_bad_values_are_refused_naming_the_key() {
     let s = load(None, None, None, &[]).unwrap();

@@ -12,6 +12,7 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use support::bridge_process::BridgeProcess;
 use support::tcp_proxy::{CutMode, TcpProxy};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -148,6 +149,168 @@ async fn client_networks_are_enforced_behind_trusted_proxies() {
         // The admin listener is not affected.
         assert_eq!(app.admin_get("/healthz").await.0, 200);
         app.stop().await;
+    })
+    .await;
+}
+
+/// README "HTTP contract": without `http.trusted_proxies` the client address checked
+/// against `auth.allow_from` is the socket peer, over IPv4 and IPv6, and an
+/// `X-Forwarded-For` from that (untrusted) peer changes nothing either way.
+#[tokio::test]
+async fn allow_from_checks_the_socket_peer_over_ipv4_and_ipv6_without_trusted_proxies() {
+    bounded(async {
+        // (listener, allow_from, expected code, an X-Forwarded-For that must not change it)
+        let cases = [
+            ("127.0.0.1:0", "127.0.0.1/32", 200, "192.0.2.1"),
+            ("127.0.0.1:0", "10.0.0.0/8", 403, "10.1.2.3"),
+            ("[::1]:0", "::1/128", 200, "2001:db8::1"),
+            ("[::1]:0", "fd00::/8", 403, "fd00::1"),
+        ];
+        for (n, (listen, allowed, expect, forwarded)) in cases.into_iter().enumerate() {
+            let app = spawn_app(AckMode::Spooled, |s| {
+                s.http.listen = listen.parse().expect("listen address");
+                s.auth.allow_from = vec![allowed.parse().expect("cidr")];
+            })
+            .await;
+            assert!(app.settings.http.trusted_proxies.is_empty());
+            assert_eq!(
+                app.http.is_ipv6(),
+                listen.starts_with('['),
+                "listening on {}",
+                app.http
+            );
+            let case = format!("peer {} with allow_from [{allowed}]", app.http.ip());
+            let body =
+                |k: u64| event_body("WHEF_SESSION_CREATED", &format!("peer{n}"), "r-peer", k);
+            let a = app.post_json(&body(1)).await;
+            assert_eq!(a.code, expect, "{case}: {a:?}");
+            let r = app
+                .client
+                .post(app.url())
+                .header("content-type", "application/json")
+                .header("x-forwarded-for", forwarded)
+                .body(body(2))
+                .send()
+                .await
+                .expect("request sent");
+            let a = answer(r).await;
+            assert_eq!(
+                a.code, expect,
+                "{case} and X-Forwarded-For {forwarded} from an untrusted peer: {a:?}"
+            );
+            if expect == 403 {
+                assert_eq!(a.errordesc, "client address not allowed", "{case}");
+                assert_eq!(
+                    app.metric(r#"cellosign_bridge_events_rejected_total{reason="forbidden"}"#)
+                        .await,
+                    2.0,
+                    "{case}"
+                );
+            }
+            app.stop().await;
+        }
+    })
+    .await;
+}
+
+/// The bridge's request log lines (target `cellosign_bridge::request`, message
+/// `webhook`) in its JSON log, once there are `n` of them (at most 10 s).
+async fn request_lines(bridge: &BridgeProcess, n: usize) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = bridge.log();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "cellosign_bridge::request" && v["message"] == "webhook")
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} request lines logged:\n{log}",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// README "Logs": one JSON line per request, target `cellosign_bridge::request`, with
+/// method, path (never the query, which may hold the token), peer, HTTP code, event
+/// type, session id, reference, latency and reason; from a real bridge's log.
+#[tokio::test]
+async fn each_request_logs_one_line_with_the_documented_fields_and_never_the_query() {
+    bounded(async {
+        const TOKEN: &str = "log-line-token-9Qz";
+        let exchange = unique("logline");
+        let spool = tempfile::tempdir().expect("temp dir");
+        let bridge = BridgeProcess::start(spool.path(), &amqp_url(), &exchange, TOKEN, &[]);
+        let client = http_client();
+        let plain_url = format!("http://{}/webhooks/cellosign", bridge.http);
+        let post = |url: &str, body: String| {
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+        };
+        // Accepted, with the token in the query.
+        let accepted = event_body("WHEF_CLIENT_FORM_LOADED", "s-logline", "r-logline", 1);
+        let a = answer(post(&bridge.url(TOKEN), accepted).send().await.expect("post")).await;
+        assert_eq!(a.code, 200, "{a:?}");
+        // Refused before the body: no token.
+        let body = event_body("WHEF_CLIENT_FORM_LOADED", "s-logline", "r-logline", 2);
+        let a = answer(post(&plain_url, body).send().await.expect("post")).await;
+        assert_eq!(a.code, 401, "{a:?}");
+        // Refused by validation: no reference.
+        let invalid = r#"{"event":{"type":"WHEF_SESSION_CREATED","timestamp":"2025-01-26T08:49:33.626046"},"session":{"id":"s-bad","transaction_number":1}}"#;
+        let a = answer(
+            post(&plain_url, invalid.to_string())
+                .header("x-webhook-token", TOKEN)
+                .send()
+                .await
+                .expect("post"),
+        )
+        .await;
+        assert_eq!(a.code, 422, "{a:?}");
+        let reason_422 = a.errordesc;
+
+        request_lines(&bridge, 3).await;
+        // No more come: one line per request, in the order they were answered.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let lines = request_lines(&bridge, 3).await;
+        assert_eq!(lines.len(), 3, "one line per request: {lines:?}");
+        let expected = [
+            (200, "WHEF_CLIENT_FORM_LOADED", "s-logline", "r-logline", ""),
+            (401, "-", "-", "-", "missing or invalid token"),
+            (422, "-", "-", "-", reason_422.as_str()),
+        ];
+        for (line, (code, event_type, session_id, reference, reason)) in
+            lines.iter().zip(expected)
+        {
+            assert_eq!(line["level"], "INFO", "{line}");
+            assert_eq!(line["method"], "POST", "{line}");
+            assert_eq!(
+                line["path"], "/webhooks/cellosign",
+                "the path, never the query: {line}"
+            );
+            assert_eq!(line["peer"], "127.0.0.1", "{line}");
+            assert_eq!(line["code"], code, "{line}");
+            assert_eq!(line["event_type"], event_type, "{line}");
+            assert_eq!(line["session_id"], session_id, "{line}");
+            assert_eq!(line["reference"], reference, "{line}");
+            assert_eq!(line["reason"], reason, "{line}");
+            let latency = line["latency_ms"].as_f64().unwrap_or(-1.0);
+            assert!(
+                (0.0..REQUEST_TIMEOUT.as_secs_f64() * 1000.0).contains(&latency),
+                "latency_ms: {line}"
+            );
+        }
+        assert!(reason_422.contains("session.reference"), "{reason_422}");
+        let log = bridge.log();
+        assert!(!log.contains(TOKEN), "the token is in the log:\n{log}");
+        drop(bridge);
+        Broker::connect(&amqp_url()).await.cleanup(&exchange).await;
     })
     .await;
 }
@@ -310,8 +473,11 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
     .await;
 }
 
+/// TLS on the public listener: a webhook over TLS is answered "0" and its event
+/// reaches the broker byte for byte, with its routing key and the contract's
+/// properties; plain HTTP on the TLS port gets nowhere.
 #[tokio::test]
-async fn tls_on_the_public_listener() {
+async fn tls_on_the_public_listener_takes_the_event_to_the_broker_byte_for_byte() {
     bounded(async {
     use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
@@ -336,12 +502,19 @@ async fn tls_on_the_public_listener() {
         .with_root_certificates(roots)
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let (_broker, mut consumer) = app.subscribe("#").await;
     let tcp = TcpStream::connect(app.http).await.unwrap();
     let mut tls = connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
-    let body = event_body("WHEF_SESSION_CREATED", "s1", "r1", 1);
+    // Whitespace, escapes and multi-byte UTF-8 the bridge must pass on untouched.
+    let body = concat!(
+        "{ \"event\": {\"type\":\"WHEF_SESSION_CREATED\", \"timestamp\":\"2025-01-26T08:49:33.626046\"},\n",
+        "  \"session\": {\"id\":\"s-tls\",\"reference\":\"r-tls\",\"transaction_number\":1,",
+        "\"labels\":{\"NOTE\":\"caf\\u00e9 \u{05e9}\u{05dc}\u{05d5}\u{05dd}\"}},\n",
+        "  \"extra\": [1, 2.50, null] }"
+    );
     let req = format!(
         "POST {} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         app.settings.http.path,
@@ -356,9 +529,19 @@ async fn tls_on_the_public_listener() {
     let got = String::from_utf8_lossy(&out);
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(got.ends_with(r#"{"status":"0","errordesc":""}"#), "{got}");
+    let delivered = take(&mut consumer, 1, WAIT).await;
+    let d = &delivered[0];
+    assert_eq!(
+        std::str::from_utf8(&d.data),
+        Ok(body),
+        "the body over TLS, byte for byte"
+    );
+    assert_eq!(d.routing_key.as_str(), "r-tls");
+    assert_contract_properties(d, "over TLS");
     // Plain HTTP on the TLS port gets nowhere.
     let plain = app.client.post(app.url()).body(body).send().await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    assert_quiet(&mut consumer, Duration::from_millis(300)).await;
     app.stop().await;
     })
     .await;

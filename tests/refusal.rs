@@ -8,7 +8,7 @@
 mod common;
 mod support;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,12 +87,6 @@ async fn operators_exchange(broker: &Broker, exchange: &str, queue: &str) {
         )
         .await
         .expect("bind");
-}
-
-/// The message ids in the order of their first delivery.
-fn first_copies(ids: &[String]) -> Vec<String> {
-    let mut seen = HashSet::new();
-    ids.iter().filter(|id| seen.insert(*id)).cloned().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,12 +18,18 @@ use support::tcp_proxy::{CutMode, TcpProxy};
 
 const DRAIN_WAIT: Duration = Duration::from_secs(90);
 
-/// Consumes `queue` until every id in `expected` was seen (duplicates allowed).
+/// Consumes `queue` until every id in `expected` was seen (duplicates allowed);
+/// returns every delivery as (routing key, message id), in delivery order.
 /// Reconnects on errors: a restarted node may refuse consumers until its quorum
 /// queues have a leader again.
-async fn assert_all_arrive(url: &str, queue: &str, expected: &BTreeSet<String>) {
+async fn assert_all_arrive(
+    url: &str,
+    queue: &str,
+    expected: &BTreeSet<String>,
+) -> Vec<(String, String)> {
     use futures_util::StreamExt;
     let mut seen = HashSet::new();
+    let mut delivered = Vec::new();
     let mut last_error = String::new();
     let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
     let missing = |seen: &HashSet<String>| {
@@ -71,6 +77,7 @@ async fn assert_all_arrive(url: &str, queue: &str, expected: &BTreeSet<String>) 
                 Ok(Some(Ok(d))) => {
                     if let Some(id) = d.properties.message_id() {
                         seen.insert(id.to_string());
+                        delivered.push((d.routing_key.to_string(), id.to_string()));
                     }
                     let _ = d.ack(lapin::options::BasicAckOptions::default()).await;
                 }
@@ -87,6 +94,7 @@ async fn assert_all_arrive(url: &str, queue: &str, expected: &BTreeSet<String>) 
         expected.len(),
         &missing[..missing.len().min(5)]
     );
+    delivered
 }
 
 fn durable_queue(name: &str) -> QueueSettings {
@@ -97,8 +105,11 @@ fn durable_queue(name: &str) -> QueueSettings {
     }
 }
 
+/// Nothing answered "0" is lost through a broker kill -9 and restart, and per
+/// reference the first copies arrive in acceptance order (the events that waited in
+/// the spool during the outage included).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_outage_loses_nothing() {
+async fn broker_outage_loses_nothing_and_keeps_order_per_reference() {
     bounded_within(Duration::from_secs(600), broker_outage()).await;
 }
 
@@ -118,7 +129,8 @@ async fn broker_outage() {
     })
     .await;
     app.wait_ready(true, Duration::from_secs(30)).await;
-    let mut accepted = BTreeSet::new();
+    // (reference, message id) in acceptance order: the posts are sequential.
+    let mut order = Vec::new();
     for n in 0..50 {
         assert_eq!(
             app.post_json(&event_body("WHEF_SESSION_CREATED", "before", "r1", n))
@@ -126,25 +138,26 @@ async fn broker_outage() {
                 .code,
             200
         );
-        accepted.insert(message_id("WHEF_SESSION_CREATED", "before", n));
+        order.push((
+            "r1".to_string(),
+            message_id("WHEF_SESSION_CREATED", "before", n),
+        ));
     }
     node.kill().expect("kill the private node");
     for n in 0..500 {
+        let reference = format!("r{}", n % 7);
         let a = app
-            .post_json(&event_body(
-                "WHEF_SESSION_CREATED",
-                "during",
-                &format!("r{}", n % 7),
-                n,
-            ))
+            .post_json(&event_body("WHEF_SESSION_CREATED", "during", &reference, n))
             .await;
         assert_eq!(a.code, 200, "{a:?}");
-        accepted.insert(message_id("WHEF_SESSION_CREATED", "during", n));
+        order.push((reference, message_id("WHEF_SESSION_CREATED", "during", n)));
     }
     let (_, body) = app.admin_get("/readyz").await;
     assert!(body.contains("\"connected\":false"), "{body}");
     node.restart().await.expect("node restarts");
-    assert_all_arrive(&node.amqp_url(), &queue, &accepted).await;
+    let accepted: BTreeSet<String> = order.iter().map(|(_, id)| id.clone()).collect();
+    let delivered = assert_all_arrive(&node.amqp_url(), &queue, &accepted).await;
+    assert_first_copies_in_order_per_key(&order, &delivered);
     // Forwarded events leave the spool.
     for _ in 0..200 {
         let (_, body) = app.admin_get("/readyz").await;
@@ -222,6 +235,168 @@ async fn full_spool_and_network_cut() {
         .channel
         .queue_delete(queue.as_str().into(), Default::default())
         .await;
+}
+
+/// `/readyz`: HTTP code and parsed body.
+async fn readyz(app: &TestApp) -> (u16, serde_json::Value) {
+    let (code, body) = app.admin_get("/readyz").await;
+    let v = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("/readyz answers JSON ({e}): {body}"));
+    (code, v)
+}
+
+/// Polls `/readyz` until `wanted` holds for (code, body), at most `within`.
+async fn wait_readyz(
+    app: &TestApp,
+    within: Duration,
+    wanted: impl Fn(u16, &serde_json::Value) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (code, v) = readyz(app).await;
+        if wanted(code, &v) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz not as expected within {within:?}: HTTP {code} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// README "Quick start" and "Admin listener": started while its broker path refuses
+/// or black-holes every connection, the bridge in `spooled` mode answers "0", stays
+/// ready (200) with `connected: false`, `last_error`, the spooled events and
+/// `oldest_age_s` in `/readyz`; once the path works, every event arrives, in order
+/// per reference, the link shows connected and the spool empties.
+async fn started_before_its_broker_in_spooled_mode(cut: CutMode) {
+    let queue = unique("nobroker");
+    let proxy = TcpProxy::to_port(5672).await.expect("proxy");
+    proxy.cut(cut).await;
+    let app = spawn_app(AckMode::Spooled, |s| {
+        s.amqp.urls = vec![proxy.amqp_url().into()];
+        s.amqp.queues = vec![QueueSettings {
+            kind: QueueKind::Classic,
+            ..durable_queue(&queue)
+        }];
+        s.amqp.reconnect_initial_ms = 100;
+        s.amqp.reconnect_max_ms = 500;
+    })
+    .await;
+    let mut order = Vec::new();
+    for n in 0..30u64 {
+        let reference = format!("r{}", n % 3);
+        let a = app
+            .post_json(&event_body("WHEF_SESSION_CREATED", "early", &reference, n))
+            .await;
+        assert_eq!(a.code, 200, "{cut:?}: accepted with no broker: {a:?}");
+        order.push((reference, message_id("WHEF_SESSION_CREATED", "early", n)));
+    }
+    // A black hole gives its first error only after the connect timeout (10 s).
+    wait_readyz(&app, Duration::from_secs(30), |_, v| {
+        v["broker"]["last_error"].is_string()
+    })
+    .await;
+    let (code, v) = readyz(&app).await;
+    assert_eq!(
+        code, 200,
+        "{cut:?}: an unreachable broker does not make spooled mode unready: {v}"
+    );
+    assert_eq!(v["ready"], true, "{v}");
+    assert_eq!(v["mode"], "spooled", "{v}");
+    assert_eq!(v["broker"]["connected"], false, "{v}");
+    assert_eq!(v["spool"]["events"], 30, "{v}");
+    assert!(
+        v["spool"]["oldest_age_s"].as_f64().is_some(),
+        "oldest_age_s while events wait: {v}"
+    );
+    assert_eq!(
+        app.metric("cellosign_bridge_broker_connected").await,
+        0.0,
+        "{cut:?}"
+    );
+
+    proxy.restore();
+    let accepted: BTreeSet<String> = order.iter().map(|(_, id)| id.clone()).collect();
+    let delivered = assert_all_arrive(&amqp_url(), &queue, &accepted).await;
+    assert_first_copies_in_order_per_key(&order, &delivered);
+    wait_readyz(&app, Duration::from_secs(30), |code, v| {
+        code == 200
+            && v["broker"]["connected"] == true
+            && v["broker"].get("last_error").is_none()
+            && v["spool"]["events"] == 0
+            && v["spool"].get("oldest_age_s").is_none()
+    })
+    .await;
+    app.stop().await;
+    let broker = Broker::connect(&amqp_url()).await;
+    broker.delete_queue(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_with_its_broker_refusing_spooled_mode_accepts_stays_ready_and_forwards_all_in_order()
+ {
+    bounded(started_before_its_broker_in_spooled_mode(CutMode::Refuse)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_with_its_broker_black_holed_spooled_mode_accepts_stays_ready_and_forwards_all_in_order()
+ {
+    bounded(started_before_its_broker_in_spooled_mode(
+        CutMode::Blackhole,
+    ))
+    .await;
+}
+
+/// README "Delivery modes" and "Admin listener": started while its broker path
+/// black-holes every connection, the bridge in `confirmed` mode answers 503 with
+/// Retry-After and is not ready; once the path works, readiness turns 200 and an
+/// event is answered "0" and arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_with_its_broker_black_holed_confirmed_mode_answers_503_until_it_appears_then_200()
+{
+    bounded(async {
+        let proxy = TcpProxy::to_port(5672).await.expect("proxy");
+        proxy.cut(CutMode::Blackhole).await;
+        let app = spawn_app(AckMode::Confirmed, |s| {
+            s.amqp.urls = vec![proxy.amqp_url().into()];
+            s.amqp.reconnect_initial_ms = 100;
+            s.amqp.reconnect_max_ms = 500;
+            s.amqp.publish_timeout_ms = 1000;
+        })
+        .await;
+        let a = app
+            .post_json(&event_body("WHEF_SESSION_CREATED", "early", "r-early", 1))
+            .await;
+        assert_eq!(a.code, 503, "{a:?}");
+        assert!(a.headers.contains_key("retry-after"), "{a:?}");
+        let (code, v) = readyz(&app).await;
+        assert_eq!(
+            code, 503,
+            "confirmed mode is not ready without a broker: {v}"
+        );
+        assert_eq!(v["ready"], false, "{v}");
+        assert_eq!(v["broker"]["connected"], false, "{v}");
+
+        // Bound before the bridge can connect: the 503'd event, were it published late,
+        // would arrive first.
+        let (_broker, mut consumer) = app.subscribe("#").await;
+        proxy.restore();
+        app.wait_ready(true, Duration::from_secs(30)).await;
+        let body = event_body("WHEF_SESSION_CREATED", "late", "r-late", 2);
+        let a = app.post_json(&body).await;
+        assert_eq!(a.code, 200, "{a:?}");
+        let got = take(&mut consumer, 1, Duration::from_secs(20)).await;
+        assert_eq!(
+            got[0].data,
+            body.as_bytes(),
+            "only the event answered \"0\" arrives"
+        );
+        assert_quiet(&mut consumer, Duration::from_millis(500)).await;
+        app.stop().await;
+    })
+    .await;
 }
 
 /// Posts distinct events from 8 senders until told to stop; returns the ids answered "0".

@@ -529,3 +529,73 @@ async fn no_password_client_secret_key_or_token_appears_in_the_debug_log() {
     })
     .await;
 }
+
+/// The start-up warning that the webhook is open (`src/startup.rs`).
+const OPEN_WARNING: &str =
+    "auth.tokens and auth.clients are empty: anyone who can reach the webhook can post events";
+
+/// README "Configuration" and `config/default.toml` `[auth] tokens`: with no token
+/// (an empty `BRIDGE_AUTH__TOKENS` is an empty list) and no `[[auth.clients]]`, the
+/// webhook is open and the bridge warns once at start; with a static token, or with
+/// clients that fetch signed tokens, it does not warn and a webhook without a token
+/// gets 401.
+#[tokio::test]
+async fn the_start_warns_that_the_webhook_is_open_exactly_when_no_token_and_no_client_is_configured()
+ {
+    bounded(async {
+        let secrets = Secrets::new(&[KEY_NEW]);
+        let exchange = unique("open");
+        let client = http_client();
+        // (BRIDGE_AUTH__TOKENS, extra config, whether the webhook is open)
+        let cases = [
+            ("", String::new(), true),
+            ("static-token-3Kd8", String::new(), false),
+            ("", secrets.config(3600), false),
+        ];
+        for (n, (token, config, open)) in cases.into_iter().enumerate() {
+            let spool = tempfile::tempdir().expect("temp dir");
+            let bridge = BridgeProcess::start_configured(
+                spool.path(),
+                &amqp_url(),
+                &exchange,
+                token,
+                &[],
+                &config,
+                |_| {},
+            );
+            let case = format!(
+                "tokens {token:?}, clients configured: {}",
+                !config.is_empty()
+            );
+            // Start-up lines come before the "serving" line `start` waited for.
+            let log = bridge.log();
+            let warnings: Vec<Value> = log
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| v["message"] == OPEN_WARNING)
+                .collect();
+            assert_eq!(warnings.len(), usize::from(open), "{case}:\n{log}");
+            for w in &warnings {
+                assert_eq!(w["level"], "WARN", "{case}: {w}");
+            }
+            // The warning tells the truth: a webhook without a token gets in exactly then.
+            let r = client
+                .post(format!("http://{}/webhooks/cellosign", bridge.http))
+                .header("content-type", "application/json")
+                .body(event_body(
+                    "WHEF_SESSION_CREATED",
+                    "s-open",
+                    "r-open",
+                    n as u64,
+                ))
+                .send()
+                .await
+                .expect("webhook");
+            let code = answer(r).await.code;
+            assert_eq!(code, if open { 200 } else { 401 }, "{case}");
+            drop(bridge);
+        }
+        Broker::connect(&amqp_url()).await.cleanup(&exchange).await;
+    })
+    .await;
+}

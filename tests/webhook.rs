@@ -114,6 +114,57 @@ async fn a_queue_bound_to_one_reference_gets_only_its_events_in_order() {
     .await;
 }
 
+/// SPEC 3 order per reference in `confirmed` mode under concurrent requests: many
+/// references at once, each posted by its own sender one event after the other
+/// (each waiting for its answer); per reference the consumer's first copies come in
+/// send order, and every event answered "0" arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_mode_keeps_send_order_per_reference_under_concurrent_senders() {
+    bounded(async {
+        const REFERENCES: u64 = 16;
+        const EACH: u64 = 40;
+        const TYPE: &str = "WHEF_CLIENT_FORM_SUBMITTED";
+        let app = spawn_app(AckMode::Confirmed, |_| {}).await;
+        let (_broker, mut consumer) = app.subscribe("#").await;
+        let senders: Vec<_> = (0..REFERENCES)
+            .map(|r| {
+                let (client, url) = (app.client.clone(), app.url());
+                tokio::spawn(async move {
+                    let reference = format!("conc-{r}");
+                    let session = format!("s-conc-{r}");
+                    let mut sent = Vec::new();
+                    for k in 0..EACH {
+                        let response = client
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .body(event_body(TYPE, &session, &reference, k))
+                            .send()
+                            .await
+                            .expect("request sent");
+                        let a = answer(response).await;
+                        assert_eq!(a.code, 200, "{reference} #{k}: {a:?}");
+                        sent.push((reference.clone(), message_id(TYPE, &session, k)));
+                    }
+                    sent
+                })
+            })
+            .collect();
+        let mut accepted = Vec::new();
+        for sender in senders {
+            accepted.extend(sender.await.expect("sender task"));
+        }
+        let got = take(&mut consumer, accepted.len(), Duration::from_secs(60)).await;
+        let delivered: Vec<(String, String)> = got
+            .iter()
+            .map(|d| (d.routing_key.to_string(), id_of(d)))
+            .collect();
+        assert_first_copies_in_order_per_key(&accepted, &delivered);
+        assert_quiet(&mut consumer, Duration::from_millis(300)).await;
+        app.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn routing_key_template_uses_other_fields() {
     bounded(async {

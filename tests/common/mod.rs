@@ -725,6 +725,52 @@ pub fn message_ids(deliveries: &[Delivery]) -> Vec<String> {
         .collect()
 }
 
+/// The message ids in the order of their first delivery: a later copy of an id (a
+/// duplicate, allowed after a failure) is left out.
+pub fn first_copies(ids: &[String]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    ids.iter().filter(|id| seen.insert(*id)).cloned().collect()
+}
+
+/// Asserts order per reference (SPEC 3): for each routing key, the first copies of
+/// the ids delivered with it (`delivered`: (routing key, message id) in delivery
+/// order) are exactly the ids accepted with it (`accepted`: (routing key, message id)
+/// in acceptance order), in that order. Keys are compared apart: order across
+/// references is not promised.
+pub fn assert_first_copies_in_order_per_key(
+    accepted: &[(String, String)],
+    delivered: &[(String, String)],
+) {
+    let mut keys: Vec<&str> = accepted.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for key in keys {
+        let of_key = |pairs: &[(String, String)]| -> Vec<String> {
+            pairs
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, id)| id.clone())
+                .collect()
+        };
+        let expected = of_key(accepted);
+        let ids = of_key(delivered);
+        let firsts = first_copies(&ids);
+        if let Some(at) =
+            (0..expected.len().max(firsts.len())).find(|&i| expected.get(i) != firsts.get(i))
+        {
+            panic!(
+                "reference {key}: first copies differ from the acceptance order at position {at}: \
+                 got {:?} where {:?} was due ({} accepted, {} first copies, {} deliveries)",
+                firsts.get(at),
+                expected.get(at),
+                expected.len(),
+                firsts.len(),
+                ids.len()
+            );
+        }
+    }
+}
+
 /// Asserts that nothing more arrives for `quiet`.
 pub async fn assert_quiet(consumer: &mut Consumer, quiet: Duration) {
     if let Ok(Some(d)) = tokio::time::timeout(quiet, consumer.next()).await {
