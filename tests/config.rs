@@ -315,6 +315,76 @@ fn tokens_come_from_config_and_file() {
     assert!(err.contains("auth.tokens_file"), "{err}");
 }
 
+#[test]
+fn broker_urls_come_from_a_file_in_place_of_urls_and_never_from_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let urls = write(
+        dir.path(),
+        "broker-urls",
+        "# the cluster\namqp://bridge:s3cret@rabbit-0:5672/%2f\n\n  amqp://bridge:s3cret@rabbit-1:5672/%2f  \n",
+    );
+    let from_file = [("BRIDGE_AMQP__URLS_FILE", urls.to_str().unwrap())];
+    // The shipped default.toml names the local broker in `urls`: the file replaces it.
+    let s = load(Some(Path::new("config")), None, None, &from_file).unwrap();
+    assert_eq!(
+        s.amqp.urls.iter().map(|u| u.expose()).collect::<Vec<_>>(),
+        [
+            "amqp://bridge:s3cret@rabbit-0:5672/%2f",
+            "amqp://bridge:s3cret@rabbit-1:5672/%2f"
+        ]
+    );
+    assert!(!format!("{s:?}").contains("s3cret"), "{s:?}");
+
+    // `urls` given anywhere else as well: refused, naming both keys.
+    let also_env = [
+        from_file[0],
+        ("BRIDGE_AMQP__URLS", "amqp://guest:guest@other:5672/%2f"),
+    ];
+    let also_file = write(
+        dir.path(),
+        "also.toml",
+        "[amqp]\nurls = [\"amqp://guest:guest@other:5672/%2f\"]\n",
+    );
+    for err in [
+        load(Some(Path::new("config")), None, None, &also_env).unwrap_err(),
+        load(
+            Some(Path::new("config")),
+            None,
+            Some(&also_file),
+            &from_file,
+        )
+        .unwrap_err(),
+    ] {
+        let err = err.to_string();
+        assert!(
+            err.starts_with("amqp.urls_file:") && err.contains("amqp.urls is set too"),
+            "{err}"
+        );
+    }
+
+    // A missing file, one with no URL, one with a bad URL: refused naming the file's key.
+    let empty = write(dir.path(), "empty", "# none yet\n\n");
+    let bad = write(dir.path(), "bad", "http://not-amqp\n");
+    for (file, problem) in [
+        (Path::new("/nonexistent/broker-urls"), "cannot read"),
+        (empty.as_path(), "lists no broker URL"),
+        (bad.as_path(), "http://not-amqp"),
+    ] {
+        let err = load(
+            None,
+            None,
+            None,
+            &[("BRIDGE_AMQP__URLS_FILE", file.to_str().unwrap())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("amqp.urls_file:") && err.contains(problem),
+            "{err}"
+        );
+    }
+}
+
 fn bridge(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"));
     cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
@@ -390,6 +460,31 @@ fn check_config_redacts_secrets() {
     // What it prints is a config file the bridge accepts.
     let file = write(dir.path(), "effective.toml", &text);
     assert!(load(None, None, Some(&file), &[]).is_ok());
+}
+
+#[test]
+fn check_config_with_a_urls_file_shows_the_file_not_the_urls_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let urls = write(
+        dir.path(),
+        "broker-urls",
+        "amqp://u:file-pass@rabbit:5672/%2f\n",
+    );
+    let out = bridge(
+        &["check-config"],
+        &[("BRIDGE_AMQP__URLS_FILE", urls.to_str().unwrap())],
+    );
+    let text = shown_without(&out, &["file-pass", "rabbit:5672"]);
+    assert!(
+        text.contains(&format!("urls_file = \"{}\"", urls.display())) && text.contains("urls = []"),
+        "{text}"
+    );
+    let file = write(dir.path(), "effective.toml", &text);
+    let again = load(Some(Path::new("config")), None, Some(&file), &[]).unwrap();
+    assert_eq!(
+        again.amqp.urls[0].expose(),
+        "amqp://u:file-pass@rabbit:5672/%2f"
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, Secret, invalid};
+use super::{ConfigError, Secret, invalid, secret_lines};
 use crate::http::net::Cidr;
 
 /// Shortest accepted signing key: 256 bits, the size of HMAC-SHA256's output.
@@ -123,13 +123,6 @@ fn entry(key: String, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Lines of a secrets file: trimmed, blank lines and `#` comments ignored.
-fn lines(text: &str) -> impl Iterator<Item = &str> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-}
-
 impl AuthSettings {
     /// Reads every secrets file: `tokens_file`, each client's secret, the token keys.
     pub(super) fn load_files(&mut self) -> Result<(), ConfigError> {
@@ -139,7 +132,7 @@ impl AuthSettings {
                 path: path.to_path_buf(),
                 source,
             })?;
-            self.tokens.extend(lines(&text).map(Secret::from));
+            self.tokens.extend(secret_lines(&text).map(Secret::from));
         }
         for (index, client) in self.clients.iter_mut().enumerate() {
             let (file, key) = client.secret_file(index)?;
@@ -154,7 +147,7 @@ impl AuthSettings {
         if !self.token_keys_file.is_empty() {
             let key = "auth.token_keys_file".to_string();
             let text = read(Path::new(&self.token_keys_file), &key)?;
-            self.token_keys = lines(&text).map(Secret::from).collect();
+            self.token_keys = secret_lines(&text).map(Secret::from).collect();
         }
         Ok(())
     }

@@ -4,24 +4,26 @@
 //! key, on unknown keys and on values that cannot work, so a typo stops the
 //! start instead of silently running with a default.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{ARCHIVE_EVENT_TYPE, DEFAULT_ACCEPT, RoutingKeyTemplate};
+use crate::event::{ARCHIVE_EVENT_TYPE, DEFAULT_ACCEPT};
 use crate::http::net::Cidr;
 
+mod amqp;
 mod archive;
 mod auth;
 mod secret;
 
+pub use amqp::{AmqpSettings, QueueKind, QueueSettings};
 pub use archive::{ArchiveSettings, StoreLocation};
 #[cfg(test)]
 pub(crate) use auth::ClientSettings;
 pub use auth::{AuthSettings, ClientKind};
+use secret::secret_lines;
 pub use secret::{BrokerUrl, Secret};
 
 /// Prefix of environment overrides: `BRIDGE_<SECTION>__<KEY>`.
@@ -41,9 +43,6 @@ const MAX_EVENT_TYPE_LEN: usize = 64;
 
 /// Largest body limit: a body must fit one spool record (1 GiB) with its header.
 const MAX_BODY_LIMIT: usize = (1 << 30) - (1 << 12);
-
-/// RabbitMQ's hard cap on `max_message_size` (512 MiB): no broker takes more.
-const MAX_MESSAGE_LIMIT: usize = 512 << 20;
 
 /// Why the settings could not be loaded. Each message names the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -248,98 +247,6 @@ impl Default for SpoolSettings {
     }
 }
 
-/// RabbitMQ link and topology.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AmqpSettings {
-    pub urls: Vec<BrokerUrl>,
-    pub exchange: String,
-    /// Parsed once at load; a bad template stops the start naming the key.
-    pub routing_key: RoutingKeyTemplate,
-    pub declare: bool,
-    pub publish_timeout_ms: u64,
-    pub max_unconfirmed: usize,
-    pub reconnect_initial_ms: u64,
-    pub reconnect_max_ms: u64,
-    pub partitions: u16,
-    /// Largest body published as one message; a larger one goes to the claim-check
-    /// store (`archive.store_url`) or, without one, gets 413, so the broker never sees
-    /// a message it would refuse.
-    pub max_message_bytes: usize,
-    pub queues: Vec<QueueSettings>,
-}
-
-impl AmqpSettings {
-    /// A publish not confirmed within this counts as failed.
-    pub(crate) fn publish_timeout(&self) -> Duration {
-        Duration::from_millis(self.publish_timeout_ms)
-    }
-
-    /// First retry delay after a failure (doubling, with jitter).
-    pub(crate) fn reconnect_initial(&self) -> Duration {
-        Duration::from_millis(self.reconnect_initial_ms)
-    }
-
-    /// Cap of the retry delay.
-    pub(crate) fn reconnect_max(&self) -> Duration {
-        Duration::from_millis(self.reconnect_max_ms)
-    }
-}
-
-impl Default for AmqpSettings {
-    fn default() -> Self {
-        AmqpSettings {
-            urls: vec![BrokerUrl::from("amqp://guest:guest@127.0.0.1:5672/%2f")],
-            exchange: "cellosign.events".into(),
-            routing_key: RoutingKeyTemplate::default(),
-            declare: true,
-            publish_timeout_ms: 5000,
-            max_unconfirmed: 1024,
-            reconnect_initial_ms: 100,
-            reconnect_max_ms: 30_000,
-            partitions: 0,
-            max_message_bytes: 16 << 20,
-            queues: vec![QueueSettings {
-                name: "cellosign.sessions".into(),
-                kind: QueueKind::Quorum,
-                bindings: vec!["#".into()],
-            }],
-        }
-    }
-}
-
-/// A queue the bridge declares and binds to its exchange.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct QueueSettings {
-    pub name: String,
-    #[serde(rename = "type", default)]
-    pub kind: QueueKind,
-    #[serde(default)]
-    pub bindings: Vec<String>,
-}
-
-/// RabbitMQ queue type (`x-queue-type`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueKind {
-    #[default]
-    Quorum,
-    Classic,
-    Stream,
-}
-
-impl QueueKind {
-    /// The value of the `x-queue-type` argument.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            QueueKind::Quorum => "quorum",
-            QueueKind::Classic => "classic",
-            QueueKind::Stream => "stream",
-        }
-    }
-}
-
 /// Health, readiness and metrics listener.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -404,10 +311,33 @@ impl Default for LogSettings {
 impl Settings {
     /// Layers every source, then checks values that deserialization cannot.
     pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
+        let mut settings: Settings = Self::layers(sources, true)?.build()?.try_deserialize()?;
+        settings.auth.load_files()?;
+        if !settings.amqp.urls_file.is_empty() {
+            // The shipped `default.toml` names the local broker in `urls`, so only a
+            // non-empty `urls` from another source counts as given twice.
+            let given = Self::layers(sources, false)?
+                .build()?
+                .get::<Vec<String>>("amqp.urls")
+                .is_ok_and(|urls| !urls.is_empty());
+            settings.amqp.read_urls_file(given)?;
+        }
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// The sources layered in order: `default.toml` (left out with `shipped_default`
+    /// false), `{BRIDGE_ENV}.toml`, `--config`, then the environment.
+    fn layers(
+        sources: &Sources,
+        shipped_default: bool,
+    ) -> Result<config::ConfigBuilder<config::builder::DefaultState>, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(dir) = &sources.config_dir {
-            builder =
-                builder.add_source(config::File::from(dir.join("default.toml")).required(false));
+            if shipped_default {
+                builder = builder
+                    .add_source(config::File::from(dir.join("default.toml")).required(false));
+            }
             if let Some(env) = &sources.environment {
                 builder = builder.add_source(
                     config::File::from(dir.join(format!("{env}.toml"))).required(false),
@@ -417,11 +347,7 @@ impl Settings {
         if let Some(file) = &sources.file {
             builder = builder.add_source(config::File::from(file.as_path()).required(true));
         }
-        builder = env_overrides(builder, sources)?;
-        let mut settings: Settings = builder.build()?.try_deserialize()?;
-        settings.auth.load_files()?;
-        settings.check()?;
-        Ok(settings)
+        env_overrides(builder, sources)
     }
 
     /// Rejects values that deserialize but cannot work.
@@ -479,7 +405,7 @@ impl Settings {
                 "must be set when delivery.ack = \"spooled\"",
             ));
         }
-        self.check_amqp()?;
+        self.amqp.check()?;
         self.archive.check()?;
         if self.admin.listen == self.http.listen && self.http.listen.port() != 0 {
             return Err(invalid("admin.listen", "must differ from http.listen"));
@@ -551,62 +477,16 @@ impl Settings {
         Ok(())
     }
 
-    fn check_amqp(&self) -> Result<(), ConfigError> {
-        let amqp = &self.amqp;
-        if amqp.urls.is_empty() {
-            return Err(invalid("amqp.urls", "must list at least one broker URL"));
-        }
-        for url in &amqp.urls {
-            if let Err(e) = url.expose().parse::<lapin::uri::AMQPUri>() {
-                return Err(invalid("amqp.urls", format!("{url}: {e}")));
-            }
-        }
-        if amqp.exchange.is_empty() || amqp.exchange.len() > 200 {
-            return Err(invalid("amqp.exchange", "must be 1..=200 bytes"));
-        }
-        if amqp.publish_timeout_ms == 0 {
-            return Err(invalid("amqp.publish_timeout_ms", "must be > 0"));
-        }
-        if amqp.max_message_bytes == 0 || amqp.max_message_bytes > MAX_MESSAGE_LIMIT {
-            return Err(invalid(
-                "amqp.max_message_bytes",
-                format!("must be 1..={MAX_MESSAGE_LIMIT} (RabbitMQ's largest message)"),
-            ));
-        }
-        if amqp.max_unconfirmed == 0 {
-            return Err(invalid("amqp.max_unconfirmed", "must be > 0"));
-        }
-        if amqp.reconnect_initial_ms == 0 || amqp.reconnect_max_ms < amqp.reconnect_initial_ms {
-            return Err(invalid(
-                "amqp.reconnect_max_ms",
-                "need 0 < reconnect_initial_ms <= reconnect_max_ms",
-            ));
-        }
-        let mut names = HashSet::new();
-        for queue in &amqp.queues {
-            if queue.name.is_empty() || queue.name.len() > 255 {
-                return Err(invalid("amqp.queues", "a queue name is 1..=255 bytes"));
-            }
-            if !names.insert(queue.name.as_str()) {
-                return Err(invalid(
-                    "amqp.queues",
-                    format!("queue {:?} is listed twice", queue.name),
-                ));
-            }
-            if queue.bindings.iter().any(|b| b.len() > 255) {
-                return Err(invalid(
-                    "amqp.queues",
-                    format!("queue {:?}: a binding key is at most 255 bytes", queue.name),
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// The settings as TOML with secrets redacted, for `check-config`.
     pub fn redacted_toml(&self) -> String {
         // Tokens (also those read from `tokens_file`) are redacted by their serializer.
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
+        // URLs read from `urls_file` are left to the file, so the output loads again.
+        let mut shown = self.clone();
+        if !shown.amqp.urls_file.is_empty() {
+            shown.amqp.urls.clear();
+        }
+        toml::to_string_pretty(&shown)
+            .unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
     }
 }
 

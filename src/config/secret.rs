@@ -113,6 +113,14 @@ fn redact_url(url: &str) -> String {
     }
 }
 
+/// Lines of a secrets file (tokens, keys, broker URLs): trimmed, blank lines and `#`
+/// comments ignored.
+pub(super) fn secret_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
