@@ -192,6 +192,44 @@ mod tests {
         assert!(Envelope::decode(Bytes::new()).is_err());
     }
 
+    /// Every cut inside the head (before the body) is refused, never read past its end.
+    #[test]
+    fn every_truncation_of_the_head_is_refused() {
+        let e = sample();
+        let record = e.encode();
+        let head = record.len() - e.body.len();
+        for cut in 0..head {
+            assert!(
+                Envelope::decode(record.slice(..cut)).is_err(),
+                "a record cut at byte {cut} of its {head}-byte head decoded"
+            );
+        }
+    }
+
+    /// The smallest record: empty strings and an empty body, each read to its last byte.
+    #[test]
+    fn empty_fields_and_an_empty_body_round_trip() {
+        let empty = Envelope {
+            routing_key: String::new(),
+            message_id: String::new(),
+            event_type: String::new(),
+            session_id: String::new(),
+            reference: String::new(),
+            received_at_ms: 0,
+            body: Bytes::new(),
+            claim_check: false,
+        };
+        assert_eq!(Envelope::decode(empty.encode()).unwrap(), empty);
+        let last_field_ends_the_record = Envelope {
+            reference: "r".into(),
+            ..empty
+        };
+        assert_eq!(
+            Envelope::decode(last_field_ends_the_record.encode()).unwrap(),
+            last_field_ends_the_record
+        );
+    }
+
     #[test]
     fn encoding_an_event_matches_encoding_its_envelope() {
         let body = Bytes::from_static(
