@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use cellosign_bridge::Application;
-use cellosign_bridge::{Cli, Command, SpoolCommand, spool_stats, tail};
+use cellosign_bridge::{Cli, Command, SpoolCommand, spool_drain, spool_stats, tail};
 use cellosign_bridge::{Settings, Sources};
 use clap::Parser;
 
@@ -46,6 +46,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Spool {
             command: SpoolCommand::Stats,
         } => println!("{}", spool_stats(&settings).await?),
+        Command::Spool {
+            command: SpoolCommand::Drain { timeout_s },
+        } => {
+            cellosign_bridge::init_telemetry(&settings.log);
+            let report = spool_drain(&settings, std::time::Duration::from_secs(timeout_s)).await?;
+            println!("{report}");
+        }
     }
     Ok(())
 }

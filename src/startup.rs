@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::amqp::confirmed::DirectPublisher;
 use crate::amqp::link::Link;
 use crate::claim::{ClaimStore, OpenError};
-use crate::config::{AckMode, Settings};
+use crate::config::{AckMode, AmqpSettings, Settings};
 use crate::event::Policy;
 use crate::forwarder::Forwarder;
 use crate::http::auth::Auth;
@@ -83,10 +83,7 @@ impl Application {
         let spool = match settings.delivery.ack {
             AckMode::Spooled => Some(Spool::open_with(
                 &settings.spool.dir,
-                SpoolOptions {
-                    append_timeout: settings.spool.append_timeout(),
-                    ..SpoolOptions::new(settings.spool.max_bytes)
-                },
+                spool_options(&settings),
             )?),
             AckMode::Confirmed => None,
         };
@@ -101,26 +98,8 @@ impl Application {
 
         let (delivery, forwarder) = match &spool {
             Some(spool) => {
-                let stats = spool.stats();
-                if stats.events > 0 {
-                    info!(
-                        events = stats.events,
-                        bytes = stats.bytes,
-                        "spool holds events from before; forwarding them first"
-                    );
-                }
-                let stop = supervisor.child_token();
-                let (forwarder, task) = Forwarder::start(
-                    spool.clone(),
-                    link.clone(),
-                    &settings.amqp,
-                    metrics.clone(),
-                    stop.clone(),
-                );
-                supervisor.watch("forwarder", stop.clone(), task);
-                // The writer thread ends only after the spool is shut down, which
-                // comes after the forwarder's stop.
-                supervisor.watch_until("spool writer", stop, spool.writer_stopped());
+                let forwarder =
+                    start_forwarder(spool, &link, &settings.amqp, &metrics, &supervisor);
                 (Delivery::Spooled(spool.clone()), Some(forwarder))
             }
             None => {
@@ -326,6 +305,47 @@ impl Application {
                 Ok(())
             }
         }
+    }
+}
+
+/// Starts the forwarder of `spool` under `supervisor`, with the spool's writer thread
+/// watched beside it: the part of the bridge that empties the spool, for `serve` and
+/// `spool drain` alike.
+pub(crate) fn start_forwarder(
+    spool: &Spool,
+    link: &Link,
+    amqp: &AmqpSettings,
+    metrics: &Arc<Metrics>,
+    supervisor: &Supervisor,
+) -> Forwarder {
+    let stats = spool.stats();
+    if stats.events > 0 {
+        info!(
+            events = stats.events,
+            bytes = stats.bytes,
+            "spool holds events from before; forwarding them first"
+        );
+    }
+    let stop = supervisor.child_token();
+    let (forwarder, task) = Forwarder::start(
+        spool.clone(),
+        link.clone(),
+        amqp,
+        metrics.clone(),
+        stop.clone(),
+    );
+    supervisor.watch("forwarder", stop.clone(), task);
+    // The writer thread ends only after the spool is shut down, which comes after
+    // the forwarder's stop.
+    supervisor.watch_until("spool writer", stop, spool.writer_stopped());
+    forwarder
+}
+
+/// The spool's options from the settings, for `serve` and `spool drain` alike.
+pub(crate) fn spool_options(settings: &Settings) -> SpoolOptions {
+    SpoolOptions {
+        append_timeout: settings.spool.append_timeout(),
+        ..SpoolOptions::new(settings.spool.max_bytes)
     }
 }
 

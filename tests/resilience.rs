@@ -590,3 +590,121 @@ async fn spool_stats_reads_the_file_or_asks_the_running_bridge() {
         "{stopped}"
     );
 }
+
+/// Runs `cellosign-bridge spool drain` on `spool` against `amqp_url`: exit status,
+/// stdout, stderr.
+fn spool_drain(
+    spool: &std::path::Path,
+    amqp_url: &str,
+    exchange: &str,
+    timeout_s: u64,
+) -> (bool, String, String) {
+    // The shipped config declares `cellosign.sessions`; the test binds its own queue.
+    let config = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp file");
+    std::fs::write(config.path(), "[amqp]\nqueues = []\n").expect("test config");
+    let out = Command::new(env!("CARGO_BIN_EXE_cellosign-bridge"))
+        .args(["spool", "drain", "--timeout", &timeout_s.to_string()])
+        .arg("--config")
+        .arg(config.path())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("BRIDGE_SPOOL__DIR", spool)
+        .env("BRIDGE_AMQP__URLS", amqp_url)
+        .env("BRIDGE_AMQP__EXCHANGE", exchange)
+        .env("BRIDGE_LOG__FORMAT", "json")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run spool drain");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_drain_forwards_a_left_spool_in_order_and_fails_losing_nothing() {
+    bounded(async {
+        let spool = tempfile::tempdir().unwrap();
+        let exchange = unique("drain");
+        let dead = "amqp://guest:guest@127.0.0.1:1/%2f";
+        // A replica that could not reach its broker: its events wait in the spool.
+        let mut bridge = BridgeProcess::start(spool.path(), dead, &exchange, "t", &[]);
+        let client = http_client();
+        let mut accepted = Vec::new();
+        for n in 0..30 {
+            let reference = format!("dr-{}", n % 3);
+            let r = client
+                .post(bridge.url("t"))
+                .body(event_body("WHEF_SESSION_CREATED", "sd", &reference, n))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            accepted.push((reference, message_id("WHEF_SESSION_CREATED", "sd", n)));
+        }
+
+        // While that bridge holds the spool, drain refuses and changes nothing.
+        let (ok, _, err) = spool_drain(spool.path(), &amqp_url(), &exchange, 5);
+        assert!(!ok && err.contains("in use by a running bridge"), "{err}");
+        bridge.signal("TERM");
+        assert!(
+            bridge
+                .wait_exit(Duration::from_secs(20))
+                .is_some_and(|s| s.success())
+        );
+
+        // A broker that cannot be reached: exit non-zero within the timeout, nothing lost.
+        let started = std::time::Instant::now();
+        let (ok, _, err) = spool_drain(spool.path(), dead, &exchange, 2);
+        assert!(!ok, "a drain to a dead broker succeeded");
+        assert!(
+            err.contains("30 events still in the spool"),
+            "the failure names what is left: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2 + 10),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(spool_events(spool.path()), 30);
+
+        // A wrong path is not an empty spool.
+        let nowhere = spool.path().join("nowhere");
+        let (ok, _, err) = spool_drain(&nowhere, &amqp_url(), &exchange, 5);
+        assert!(!ok && err.contains("no spool to drain"), "{err}");
+        assert!(
+            !nowhere.exists(),
+            "the drain created a spool where there was none"
+        );
+
+        // The broker reachable: every event forwarded, in order per reference, spool empty.
+        let broker = Broker::connect(&amqp_url()).await;
+        broker.declare_exchange(&exchange).await;
+        let mut consumer = broker.subscribe(&exchange, "#").await;
+        let (ok, out, err) = spool_drain(spool.path(), &amqp_url(), &exchange, 60);
+        assert!(ok, "{err}");
+        let report: serde_json::Value = serde_json::from_str(&out).expect("a JSON report");
+        assert_eq!(report["forwarded"], 30, "{out}");
+        assert_eq!(report["left"], 0, "{out}");
+        let got = take(&mut consumer, 30, Duration::from_secs(20)).await;
+        let delivered: Vec<(String, String)> = got
+            .iter()
+            .map(|d| (d.routing_key.to_string(), id_of(d)))
+            .collect();
+        assert_first_copies_in_order_per_key(&accepted, &delivered);
+        assert_eq!(spool_events(spool.path()), 0);
+        drop(consumer);
+        broker.cleanup(&exchange).await;
+    })
+    .await;
+}
+
+/// Events in the spool at `dir`, read from the file (no bridge running).
+fn spool_events(dir: &std::path::Path) -> u64 {
+    cellosign_bridge::Spool::inspect(dir)
+        .expect("the spool file")
+        .events
+}

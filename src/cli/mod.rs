@@ -12,6 +12,7 @@
 //! read: change them as user-facing text.
 
 pub mod admin_client;
+pub mod spool_drain;
 pub mod spool_stats;
 pub mod tail;
 
@@ -58,6 +59,15 @@ pub enum SpoolCommand {
     /// Depth, bytes and oldest event age. Reads the spool file when the bridge
     /// is stopped, or asks the running bridge's admin listener.
     Stats,
+    /// Forward every event in the spool (same publishing path, same confirms), then
+    /// exit 0 printing the count; exit 1, losing nothing, if the broker has not taken
+    /// them all within `--timeout`. Refuses while a bridge holds the spool. For the
+    /// spool of a replica that is gone (scale-down).
+    Drain {
+        /// How long to try, in seconds.
+        #[arg(long = "timeout", value_name = "SECONDS", default_value_t = 300)]
+        timeout_s: u64,
+    },
 }
 
 #[cfg(test)]
