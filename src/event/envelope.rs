@@ -141,6 +141,8 @@ fn encode_record(claim_check: bool, received_at_ms: u64, fields: [&str; 5], body
         out.put_slice(f.as_bytes());
     }
     out.put_slice(body);
+    // The size computed up front is exact, so the record took one allocation.
+    debug_assert_eq!(out.len(), len, "record size computed wrongly");
     out.freeze()
 }
 
