@@ -345,6 +345,7 @@ pub(crate) fn start_forwarder(
 pub(crate) fn spool_options(settings: &Settings) -> SpoolOptions {
     SpoolOptions {
         append_timeout: settings.spool.append_timeout(),
+        cache_bytes: settings.spool.cache_bytes,
         ..SpoolOptions::new(settings.spool.max_bytes)
     }
 }

@@ -100,6 +100,7 @@ fn bad_values_are_refused_naming_the_key() {
         ("BRIDGE_EVENTS__ACCEPT", "", "events.accept"),
         ("BRIDGE_LOG__FORMAT", "xml", "format"),
         ("BRIDGE_SPOOL__MAX_BYTES", "-5", "max_bytes"),
+        ("BRIDGE_SPOOL__CACHE_BYTES", "4096", "spool.cache_bytes"),
     ] {
         let err = load(None, None, None, &[(key, value)])
             .map(|_| ())

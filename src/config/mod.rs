@@ -41,6 +41,9 @@ const ENV_LIST_KEYS: &[&str] = &[
 /// Longest accepted event type name; keeps the message id within an AMQP short string.
 const MAX_EVENT_TYPE_LEN: usize = 64;
 
+/// Smallest spool page cache: below it every read of a fresh record goes to the disk.
+const MIN_SPOOL_CACHE: usize = 1 << 20;
+
 /// Largest body limit: a body must fit one spool record (1 GiB) with its header.
 const MAX_BODY_LIMIT: usize = (1 << 30) - (1 << 12);
 
@@ -228,6 +231,8 @@ pub struct SpoolSettings {
     pub max_bytes: u64,
     /// An append not durable within this long answers 503 (a stalled disk).
     pub append_timeout_ms: u64,
+    /// The spool database's page cache: resident memory that grows to this under load.
+    pub cache_bytes: usize,
 }
 
 impl SpoolSettings {
@@ -243,6 +248,7 @@ impl Default for SpoolSettings {
             dir: PathBuf::from("var/spool"),
             max_bytes: 1 << 30,
             append_timeout_ms: 2000,
+            cache_bytes: 16 << 20,
         }
     }
 }
@@ -395,6 +401,12 @@ impl Settings {
         self.check_events()?;
         if self.spool.max_bytes == 0 {
             return Err(invalid("spool.max_bytes", "must be > 0"));
+        }
+        if self.spool.cache_bytes < MIN_SPOOL_CACHE {
+            return Err(invalid(
+                "spool.cache_bytes",
+                format!("must be at least {MIN_SPOOL_CACHE} (1 MiB)"),
+            ));
         }
         if self.spool.append_timeout_ms == 0 {
             return Err(invalid("spool.append_timeout_ms", "must be > 0"));
