@@ -197,6 +197,35 @@ mod tests {
         assert!(!a.token_valid(&h, None));
     }
 
+    /// Without `allow_from` anyone may post; with it, only the client's networks, the
+    /// client being the peer unless a trusted proxy vouches for another address.
+    #[test]
+    fn client_networks_decide_who_may_post() {
+        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        let none = HeaderMap::new();
+        assert!(auth(&[], true).client_allowed(peer, &none));
+
+        let proxy: Cidr = "192.0.2.0/24".parse().unwrap();
+        let settings = AuthSettings {
+            allow_from: vec!["10.1.0.0/16".parse().unwrap()],
+            ..AuthSettings::default()
+        };
+        let behind_proxy = Auth::new(&settings, &[proxy], None);
+        let direct = Auth::new(&settings, &[], None);
+        assert!(
+            !direct.client_allowed(peer, &none),
+            "a peer outside allow_from"
+        );
+        assert!(direct.client_allowed("10.1.2.3".parse().unwrap(), &none));
+        let mut forwarded = HeaderMap::new();
+        forwarded.insert("x-forwarded-for", HeaderValue::from_static("10.1.9.9"));
+        assert!(behind_proxy.client_allowed(peer, &forwarded));
+        assert!(
+            !direct.client_allowed(peer, &forwarded),
+            "X-Forwarded-For from an untrusted peer"
+        );
+    }
+
     #[test]
     fn percent_decoding_survives_bad_escapes() {
         assert_eq!(percent_decode("a%2Fb"), "a/b");
