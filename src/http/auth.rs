@@ -185,6 +185,15 @@ mod tests {
         assert!(a.token_valid(&HeaderMap::new(), Some("token=s%33cret")));
     }
 
+    /// The same token listed twice (in `tokens` and in `tokens_file`) still matches.
+    #[test]
+    fn a_token_listed_twice_is_accepted() {
+        let a = auth(&["s3cret", "other", "s3cret"], false);
+        let mut h = HeaderMap::new();
+        h.insert(TOKEN_HEADER, HeaderValue::from_static("s3cret"));
+        assert!(a.token_valid(&h, None));
+    }
+
     #[test]
     fn rejects_wrong_missing_and_disabled_query_tokens() {
         let a = auth(&["s3cret"], false);
