@@ -106,11 +106,19 @@ impl Admin {
         }
     }
 
+    /// Sets the gauges read from state at scrape time: readiness, from the decision
+    /// `/readyz` answers with, and the spool's depth, bytes and oldest event's age from
+    /// the one snapshot that decision read.
     fn refresh_gauges(&self) {
-        if let Some((spool, _)) = &self.spool {
-            let stats = spool.stats();
-            self.metrics.spool_events.set(stats.events as i64);
-            self.metrics.spool_bytes.set(stats.bytes as i64);
+        let readiness = self.readiness();
+        self.metrics.ready.set(i64::from(readiness.ready));
+        if let Some(spool) = &readiness.spool {
+            let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.metrics.spool_events.set(gauge(spool.events));
+            self.metrics.spool_bytes.set(gauge(spool.bytes));
+            self.metrics
+                .spool_oldest_age
+                .set(spool.oldest_age_s.unwrap_or(0.0));
         }
     }
 }

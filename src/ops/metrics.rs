@@ -1,6 +1,7 @@
 //! Prometheus metrics: one struct that every part updates, rendered by the admin listener.
 
 use std::sync::OnceLock;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -38,6 +39,12 @@ pub struct Metrics {
     pub publish_confirm: Histogram,
     pub spool_events: Gauge,
     pub spool_bytes: Gauge,
+    /// Age of the oldest spooled event in seconds, 0 when the spool is empty; set when
+    /// `/metrics` is rendered, like the other spool gauges.
+    pub spool_oldest_age: Gauge<f64, AtomicU64>,
+    /// 1 while `/readyz` answers 200, else 0; set from the same decision when `/metrics`
+    /// is rendered.
+    pub ready: Gauge,
     pub broker_connected: Gauge,
     pub broker_reconnects: Counter,
     pub broker_nacks: Counter,
@@ -67,6 +74,8 @@ impl Metrics {
             publish_confirm: Histogram::new(latency_buckets()),
             spool_events: Gauge::default(),
             spool_bytes: Gauge::default(),
+            spool_oldest_age: Gauge::default(),
+            ready: Gauge::default(),
             broker_connected: Gauge::default(),
             broker_reconnects: Counter::default(),
             broker_nacks: Counter::default(),
@@ -110,6 +119,16 @@ impl Metrics {
             "spool_bytes",
             "Bytes of events in the spool",
             m.spool_bytes.clone(),
+        );
+        r.register(
+            "spool_oldest_age_seconds",
+            "Age of the oldest event in the spool, 0 when it is empty",
+            m.spool_oldest_age.clone(),
+        );
+        r.register(
+            "ready",
+            "1 while /readyz answers 200 (an event posted now would be accepted), else 0",
+            m.ready.clone(),
         );
         r.register(
             "broker_connected",
