@@ -82,8 +82,8 @@ fn dashboard() -> serde_json::Value {
     serde_json::from_str(&read(DASHBOARD)).unwrap_or_else(|e| panic!("{DASHBOARD}: {e}"))
 }
 
-fn alert_rules() -> serde_yaml_ng::Value {
-    serde_yaml_ng::from_str(&read(ALERTS)).unwrap_or_else(|e| panic!("{ALERTS}: {e}"))
+fn alert_rules() -> yaml_serde::Value {
+    yaml_serde::from_str(&read(ALERTS)).unwrap_or_else(|e| panic!("{ALERTS}: {e}"))
 }
 
 // ---------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ fn all_queries() -> Vec<(String, Refs, String)> {
 }
 
 /// Every rule of the rules file with its group's name.
-fn rules(file: &serde_yaml_ng::Value) -> Vec<(String, &serde_yaml_ng::Value)> {
+fn rules(file: &yaml_serde::Value) -> Vec<(String, &yaml_serde::Value)> {
     let groups = file["groups"]
         .as_sequence()
         .unwrap_or_else(|| panic!("{ALERTS}: no `groups` list"));
