@@ -91,10 +91,7 @@ impl Application {
 
         let metrics = Arc::new(Metrics::new());
         let supervisor = Supervisor::new();
-        let broker_stop = supervisor.child_token();
-        let (link, link_task) =
-            Link::start(settings.amqp.clone(), metrics.clone(), broker_stop.clone());
-        supervisor.watch("broker link", broker_stop.clone(), link_task);
+        let (link, broker_stop) = start_link(&settings.amqp, &metrics, &supervisor);
 
         let (delivery, forwarder) = match &spool {
             Some(spool) => {
@@ -306,6 +303,19 @@ impl Application {
             }
         }
     }
+}
+
+/// Starts the broker link under `supervisor`; the token stops it (and whatever
+/// publishes through it), last of the background work.
+pub(crate) fn start_link(
+    amqp: &AmqpSettings,
+    metrics: &Arc<Metrics>,
+    supervisor: &Supervisor,
+) -> (Link, CancellationToken) {
+    let broker_stop = supervisor.child_token();
+    let (link, task) = Link::start(amqp.clone(), metrics.clone(), broker_stop.clone());
+    supervisor.watch("broker link", broker_stop.clone(), task);
+    (link, broker_stop)
 }
 
 /// Starts the forwarder of `spool` under `supervisor`, with the spool's writer thread

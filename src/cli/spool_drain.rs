@@ -14,11 +14,10 @@ use serde_json::json;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::amqp::link::Link;
 use crate::config::Settings;
 use crate::ops::metrics::Metrics;
 use crate::spool::{Spool, SpoolError};
-use crate::startup::{spool_options, start_forwarder};
+use crate::startup::{spool_options, start_forwarder, start_link};
 use crate::supervisor::Supervisor;
 
 /// Time given to closing the spool and ending the tasks after the drain.
@@ -73,10 +72,7 @@ pub async fn run(settings: &Settings, timeout: Duration) -> Result<String, Drain
     let deadline = Instant::now() + timeout;
     let metrics = Arc::new(Metrics::new());
     let supervisor = Supervisor::new();
-    let broker_stop = supervisor.child_token();
-    let (link, link_task) =
-        Link::start(settings.amqp.clone(), metrics.clone(), broker_stop.clone());
-    supervisor.watch("broker link", broker_stop.clone(), link_task);
+    let (link, broker_stop) = start_link(&settings.amqp, &metrics, &supervisor);
     let forwarder = start_forwarder(&spool, &link, &settings.amqp, &metrics, &supervisor);
 
     tokio::select! {
