@@ -16,14 +16,13 @@ use crate::amqp::confirmed::DirectPublisher;
 use crate::amqp::link::Link;
 use crate::claim::{ClaimStore, OpenError};
 use crate::config::{AckMode, AmqpSettings, Settings};
-use crate::event::Policy;
 use crate::forwarder::Forwarder;
-use crate::http::auth::Auth;
 use crate::http::server::{ServerLimits, TlsError, serve, tls_acceptor};
 use crate::http::token::TokenKeys;
 use crate::http::token_endpoint::TokenEndpoint;
 use crate::ingress::dedup::Dedup;
 use crate::ingress::delivery::Delivery;
+use crate::ingress::live::{Live, LiveConfig};
 use crate::ingress::{Ingress, IngressLimits, PathLimits};
 use crate::ops::admin::Admin;
 use crate::ops::metrics::Metrics;
@@ -116,20 +115,20 @@ impl Application {
         };
 
         let keys = TokenKeys::new(&settings.auth).map(Arc::new);
-        let auth = Arc::new(Auth::new(
+        let live = Live::build(
             &settings.auth,
             &settings.http.trusted_proxies,
+            &settings.events.accept,
+            settings.amqp.routing_key.clone(),
             keys.clone(),
-        ));
-        if auth.is_open() {
+            &metrics,
+        );
+        if live.auth.is_open() {
             warn!(
                 "auth.tokens and auth.clients are empty: anyone who can reach the webhook can post events"
             );
         }
-        let policy = Policy::new(
-            settings.events.accept.clone(),
-            settings.amqp.routing_key.clone(),
-        );
+        let live = LiveConfig::new(live);
         let dedup = Dedup::new(
             Duration::from_secs(settings.events.dedup_window_s),
             settings.events.dedup_max_ids,
@@ -152,8 +151,7 @@ impl Application {
         };
         let mut ingress = Ingress::new(
             limits,
-            auth.clone(),
-            policy,
+            live,
             dedup,
             delivery,
             metrics.clone(),
@@ -170,7 +168,6 @@ impl Application {
             ingress = ingress.with_token_endpoint(TokenEndpoint::new(
                 &settings.auth,
                 keys,
-                auth,
                 metrics.clone(),
                 settings.http.body_read_timeout(),
             ));
