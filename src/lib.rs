@@ -80,7 +80,8 @@ pub use event::{
 pub use fault::ENV as FAULTS_ENV;
 pub use forwarder::Forwarder;
 pub use ops::metrics::Metrics;
-pub use ops::telemetry::init as init_telemetry;
+pub use ops::reload::OnHangup;
+pub use ops::telemetry::{LogControl, init as init_telemetry};
 pub use spool::{Spool, SpoolError};
 pub use startup::Application;
 pub use supervisor::Failure;

@@ -26,6 +26,7 @@ use crate::ingress::live::{Live, LiveConfig};
 use crate::ingress::{Ingress, IngressLimits, PathLimits};
 use crate::ops::admin::Admin;
 use crate::ops::metrics::Metrics;
+use crate::ops::reload::{OnHangup, Reloader};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use crate::supervisor::{Failure, Supervisor};
 
@@ -60,6 +61,13 @@ pub struct Application {
     supervisor: Supervisor,
     /// Stops the broker link and the confirmed-mode publisher, last of the background work.
     broker_stop: CancellationToken,
+    /// The rules SIGHUP can replace, shared with the ingress.
+    live: LiveConfig,
+    /// The signing keys the running rules verify with.
+    keys: Option<Arc<TokenKeys>>,
+    metrics: Arc<Metrics>,
+    /// Reloads on SIGHUP, once [`Application::reload_on`] asked for it.
+    reload: Option<(Reloader, tokio::signal::unix::Signal)>,
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -151,13 +159,13 @@ impl Application {
         };
         let mut ingress = Ingress::new(
             limits,
-            live,
+            live.clone(),
             dedup,
             delivery,
             metrics.clone(),
             supervisor.clone(),
         );
-        if let Some(keys) = keys {
+        if let Some(keys) = keys.clone() {
             info!(
                 path = %settings.auth.token_path,
                 clients = settings.auth.clients.len(),
@@ -176,7 +184,7 @@ impl Application {
         let admin_handler = Arc::new(Admin::new(
             link,
             spool.clone().map(|s| (s, settings.spool.max_bytes)),
-            metrics,
+            metrics.clone(),
             supervisor.clone(),
         ));
         Ok(Application {
@@ -190,7 +198,23 @@ impl Application {
             forwarder,
             supervisor,
             broker_stop,
+            live,
+            keys,
+            metrics,
+            reload: None,
         })
+    }
+
+    /// Reloads the configuration on every SIGHUP `on` handles, while serving.
+    pub fn reload_on(mut self, on: OnHangup) -> Application {
+        self.reload = Some(Reloader::new(
+            on,
+            self.settings.clone(),
+            self.live.clone(),
+            self.keys.clone(),
+            self.metrics.clone(),
+        ));
+        self
     }
 
     /// Address of the public listener (useful when bound to port 0).
@@ -226,6 +250,10 @@ impl Application {
         let supervisor = self.supervisor;
         let public_stop = supervisor.child_token();
         let admin_stop = supervisor.child_token();
+        if let Some((reloader, hangup)) = self.reload {
+            let stop = supervisor.child_token();
+            supervisor.spawn_critical("config reload", stop.clone(), reloader.run(hangup, stop));
+        }
         supervisor.spawn_critical(
             "public listener",
             public_stop.clone(),

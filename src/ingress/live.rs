@@ -55,4 +55,15 @@ impl LiveConfig {
         // A poisoned lock still holds a whole bundle: a swap is one assignment.
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// Puts `live` in force for every request that starts from now on.
+    pub(crate) fn replace(&self, live: Live) {
+        let live = Arc::new(live);
+        let old = std::mem::replace(
+            &mut *self.0.write().unwrap_or_else(|p| p.into_inner()),
+            live,
+        );
+        // Freed here, outside the lock (or by the last request still holding it).
+        drop(old);
+    }
 }
