@@ -37,9 +37,9 @@
 //!   topology declared on it, the AMQP message of an envelope and the judging of
 //!   confirms (`message`), and the publisher of `confirmed` mode.
 //!
-//! Beside them: `ops` (health, readiness, metrics, logs), `config` (layered
-//! typed settings, secrets that redact themselves), `startup` (builds the
-//! application for `main` and tests alike), `supervisor` (one cancellation tree
+//! Beside them: `ops` (health, readiness, metrics, logs, the SIGHUP reload),
+//! `config` (layered typed settings, secrets that redact themselves), `startup`
+//! (builds the application for `main` and tests alike), `supervisor` (one cancellation tree
 //! and task tracker for every task, and the rule that a task dying before
 //! shutdown fails readiness and the exit code), `cli` (the operator commands),
 //! and `fault` (test-only fault points).
@@ -80,7 +80,8 @@ pub use event::{
 pub use fault::ENV as FAULTS_ENV;
 pub use forwarder::Forwarder;
 pub use ops::metrics::Metrics;
-pub use ops::telemetry::init as init_telemetry;
+pub use ops::reload::OnHangup;
+pub use ops::telemetry::{LogControl, init as init_telemetry};
 pub use spool::{Spool, SpoolError};
 pub use startup::Application;
 pub use supervisor::Failure;

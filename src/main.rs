@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cellosign_bridge::Application;
+use cellosign_bridge::{Application, OnHangup};
 use cellosign_bridge::{Cli, Command, SpoolCommand, spool_drain, spool_stats, tail};
 use cellosign_bridge::{Settings, Sources};
 use clap::Parser;
@@ -21,15 +21,17 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings =
-        Settings::load(&Sources::standard(cli.config.clone())).context("invalid configuration")?;
+    let sources = Sources::standard(cli.config.clone());
+    let settings = Settings::load(&sources).context("invalid configuration")?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            cellosign_bridge::init_telemetry(&settings.log);
+            let log = cellosign_bridge::init_telemetry(&settings.log);
             // Handlers first: a SIGTERM that comes while the bridge starts must stop it
-            // cleanly, not kill it with the default action.
+            // cleanly, and a SIGHUP must not kill it with the default action.
             let stop = shutdown_signal();
+            let reload = OnHangup::install(sources, log).context("cannot handle SIGHUP")?;
             let app = Application::build(settings).await.context("cannot start")?;
+            let app = app.reload_on(reload);
             let result = app.run_until_stopped(stop).await;
             // Exit now: the runtime's drop would wait for blocking threads (a stalled
             // fsync), and the shutdown is promised within the grace period.

@@ -16,17 +16,17 @@ use crate::amqp::confirmed::DirectPublisher;
 use crate::amqp::link::Link;
 use crate::claim::{ClaimStore, OpenError};
 use crate::config::{AckMode, AmqpSettings, Settings};
-use crate::event::Policy;
 use crate::forwarder::Forwarder;
-use crate::http::auth::Auth;
 use crate::http::server::{ServerLimits, TlsError, serve, tls_acceptor};
 use crate::http::token::TokenKeys;
 use crate::http::token_endpoint::TokenEndpoint;
 use crate::ingress::dedup::Dedup;
 use crate::ingress::delivery::Delivery;
+use crate::ingress::live::{Live, LiveConfig};
 use crate::ingress::{Ingress, IngressLimits, PathLimits};
 use crate::ops::admin::Admin;
 use crate::ops::metrics::Metrics;
+use crate::ops::reload::{OnHangup, Reloader};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use crate::supervisor::{Failure, Supervisor};
 
@@ -61,6 +61,13 @@ pub struct Application {
     supervisor: Supervisor,
     /// Stops the broker link and the confirmed-mode publisher, last of the background work.
     broker_stop: CancellationToken,
+    /// The rules SIGHUP can replace, shared with the ingress.
+    live: LiveConfig,
+    /// The signing keys the running rules verify with.
+    keys: Option<Arc<TokenKeys>>,
+    metrics: Arc<Metrics>,
+    /// Reloads on SIGHUP, once [`Application::reload_on`] asked for it.
+    reload: Option<(Reloader, tokio::signal::unix::Signal)>,
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -113,20 +120,20 @@ impl Application {
         };
 
         let keys = TokenKeys::new(&settings.auth).map(Arc::new);
-        let auth = Arc::new(Auth::new(
+        let live = Live::build(
             &settings.auth,
             &settings.http.trusted_proxies,
+            &settings.events.accept,
+            settings.amqp.routing_key.clone(),
             keys.clone(),
-        ));
-        if auth.is_open() {
+            &metrics,
+        );
+        if live.auth.is_open() {
             warn!(
                 "auth.tokens and auth.clients are empty: anyone who can reach the webhook can post events"
             );
         }
-        let policy = Policy::new(
-            settings.events.accept.clone(),
-            settings.amqp.routing_key.clone(),
-        );
+        let live = LiveConfig::new(live);
         let dedup = Dedup::new(
             Duration::from_secs(settings.events.dedup_window_s),
             settings.events.dedup_max_ids,
@@ -149,14 +156,13 @@ impl Application {
         };
         let mut ingress = Ingress::new(
             limits,
-            auth.clone(),
-            policy,
+            live.clone(),
             dedup,
             delivery,
             metrics.clone(),
             supervisor.clone(),
         );
-        if let Some(keys) = keys {
+        if let Some(keys) = keys.clone() {
             info!(
                 path = %settings.auth.token_path,
                 clients = settings.auth.clients.len(),
@@ -167,7 +173,6 @@ impl Application {
             ingress = ingress.with_token_endpoint(TokenEndpoint::new(
                 &settings.auth,
                 keys,
-                auth,
                 metrics.clone(),
                 settings.http.body_read_timeout(),
             ));
@@ -176,7 +181,7 @@ impl Application {
         let admin_handler = Arc::new(Admin::new(
             link,
             spool.clone().map(|s| (s, settings.spool.max_bytes)),
-            metrics,
+            metrics.clone(),
             supervisor.clone(),
         ));
         Ok(Application {
@@ -190,7 +195,23 @@ impl Application {
             forwarder,
             supervisor,
             broker_stop,
+            live,
+            keys,
+            metrics,
+            reload: None,
         })
+    }
+
+    /// Reloads the configuration on every SIGHUP `on` handles, while serving.
+    pub fn reload_on(mut self, on: OnHangup) -> Application {
+        self.reload = Some(Reloader::new(
+            on,
+            self.settings.clone(),
+            self.live.clone(),
+            self.keys.clone(),
+            self.metrics.clone(),
+        ));
+        self
     }
 
     /// Address of the public listener (useful when bound to port 0).
@@ -226,6 +247,10 @@ impl Application {
         let supervisor = self.supervisor;
         let public_stop = supervisor.child_token();
         let admin_stop = supervisor.child_token();
+        if let Some((reloader, hangup)) = self.reload {
+            let stop = supervisor.child_token();
+            supervisor.spawn_critical("config reload", stop.clone(), reloader.run(hangup, stop));
+        }
         supervisor.spawn_critical(
             "public listener",
             public_stop.clone(),

@@ -56,8 +56,6 @@ pub(crate) struct TokenEndpoint {
     clients: Vec<Credential>,
     /// Signs the tokens it issues (shared with the webhook's [`Auth`], which verifies).
     keys: Arc<TokenKeys>,
-    /// The webhook's rules for client addresses: `allow_from`, trusted proxies.
-    auth: Arc<Auth>,
     /// Wrong credentials per client address.
     throttle: Throttle,
     /// At most [`MAX_IN_FLIGHT`] requests at once.
@@ -131,7 +129,6 @@ impl TokenEndpoint {
     pub(crate) fn new(
         settings: &AuthSettings,
         keys: Arc<TokenKeys>,
-        auth: Arc<Auth>,
         metrics: Arc<Metrics>,
         body_read_timeout: Duration,
     ) -> Self {
@@ -153,7 +150,6 @@ impl TokenEndpoint {
             path: settings.token_path.clone(),
             clients,
             keys,
-            auth,
             throttle: Throttle::default(),
             in_flight: Semaphore::new(MAX_IN_FLIGHT),
             metrics,
@@ -166,15 +162,18 @@ impl TokenEndpoint {
         &self.path
     }
 
-    /// Answers one request to the token URL, with its metrics and log line.
+    /// Answers one request to the token URL, with its metrics and log line. `auth`
+    /// holds the webhook's rules for client addresses (`allow_from`, trusted
+    /// proxies), the ones in force when the request arrived.
     pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        auth: &Auth,
     ) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let (head, body) = req.into_parts();
-        let result = self.issue(&head, body, peer).await;
+        let result = self.issue(auth, &head, body, peer).await;
         let (response, reason) = match result {
             Ok(token) => (self.granted(&token), ""),
             Err(refusal) => {
@@ -200,6 +199,7 @@ impl TokenEndpoint {
     /// The checks in order (405, 403, 429, 400/413, 401), then a fresh token.
     async fn issue(
         &self,
+        auth: &Auth,
         head: &Parts,
         body: Incoming,
         peer: SocketAddr,
@@ -210,7 +210,7 @@ impl TokenEndpoint {
                 ..invalid_request("use POST", "method")
             });
         }
-        if !self.auth.client_allowed(peer.ip(), &head.headers) {
+        if !auth.client_allowed(peer.ip(), &head.headers) {
             return Err(Refusal {
                 status: StatusCode::FORBIDDEN,
                 error: "access_denied",
@@ -219,7 +219,7 @@ impl TokenEndpoint {
                 retry_after_s: None,
             });
         }
-        let client = self.auth.client(peer.ip(), &head.headers);
+        let client = auth.client(peer.ip(), &head.headers);
         // Refused before the body is read: a blocked address cannot even try.
         if let Some(wait) = self.throttle.blocked(client, Instant::now()) {
             return Err(slow_down(

@@ -5,6 +5,7 @@
 
 pub(crate) mod dedup;
 pub(crate) mod delivery;
+pub(crate) mod live;
 mod route;
 mod webhook;
 

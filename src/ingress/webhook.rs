@@ -23,15 +23,15 @@ use tokio::sync::SemaphorePermit;
 use tracing::{info, warn};
 
 use crate::claim::{ClaimError, ClaimStore};
-use crate::event::{ARCHIVE_EVENT_TYPE, Event, Policy, Rejection, validate, validate_archive};
-use crate::http::auth::Auth;
+use crate::event::{Event, Rejection, validate, validate_archive};
 use crate::http::body::{BodyError, read_body};
 use crate::http::server::Handler;
 use crate::http::token_endpoint::TokenEndpoint;
 use crate::ingress::dedup::{Check, Dedup};
 use crate::ingress::delivery::{Delivery, DeliveryError};
+use crate::ingress::live::{Live, LiveConfig};
 use crate::ingress::route::{PathLimits, Route};
-use crate::ops::metrics::{AcceptedCounters, Metrics};
+use crate::ops::metrics::Metrics;
 use crate::supervisor::Supervisor;
 
 /// Seconds a caller is asked to wait after 429.
@@ -65,15 +65,13 @@ pub struct Ingress {
     claim_store: Option<ClaimStore>,
     max_message_bytes: usize,
     body_read_timeout: Duration,
-    auth: Arc<Auth>,
+    /// Who may post and what is accepted: read once per request, replaced on SIGHUP.
+    live: LiveConfig,
     /// The token URL, served beside the webhook when clients can fetch tokens.
     token: Option<TokenEndpoint>,
-    policy: Policy,
     dedup: Dedup,
     delivery: Delivery,
     metrics: Arc<Metrics>,
-    /// `events_accepted_total` of each accepted type, counted without building a label.
-    accepted: AcceptedCounters,
     /// Once a background task died nothing may be answered "0": it might never be forwarded.
     supervisor: Supervisor,
 }
@@ -122,8 +120,7 @@ impl Ingress {
     /// Assembles the handler.
     pub(crate) fn new(
         limits: IngressLimits,
-        auth: Arc<Auth>,
-        policy: Policy,
+        live: LiveConfig,
         dedup: Dedup,
         delivery: Delivery,
         metrics: Arc<Metrics>,
@@ -138,21 +135,16 @@ impl Ingress {
             Route::new(&limits.notification, cap, validate),
             Route::new(&limits.archive, cap, validate_archive),
         ];
-        let mut types = policy.accept().to_vec();
-        types.push(ARCHIVE_EVENT_TYPE.to_owned());
-        let accepted = metrics.accepted_counters(&types);
         Ingress {
             routes,
             claim_store: limits.claim_store,
             max_message_bytes: limits.max_message_bytes,
             body_read_timeout: limits.body_read_timeout,
-            auth,
+            live,
             token: None,
-            policy,
             dedup,
             delivery,
             metrics,
-            accepted,
             supervisor,
         }
     }
@@ -167,6 +159,7 @@ impl Ingress {
     /// and the route's in-flight permit, which the caller holds until the event is stored.
     async fn admit(
         &self,
+        live: &Live,
         head: &Parts,
         body: Incoming,
         peer: SocketAddr,
@@ -185,14 +178,14 @@ impl Ingress {
                 "method",
             ));
         }
-        if !self.auth.client_allowed(peer.ip(), &head.headers) {
+        if !live.auth.client_allowed(peer.ip(), &head.headers) {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "client address not allowed",
                 "forbidden",
             ));
         }
-        if !self.auth.token_valid(&head.headers, head.uri.query()) {
+        if !live.auth.token_valid(&head.headers, head.uri.query()) {
             return Err(Refusal::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or invalid token",
@@ -231,6 +224,7 @@ impl Ingress {
     /// a validated event: Ok once it is durable (or was already).
     async fn store(
         &self,
+        live: &Live,
         event: &Event<'_>,
         body: &Bytes,
         received_at_ms: u64,
@@ -282,7 +276,7 @@ impl Ingress {
             .accept(event, &payload, claim_check, received_at_ms, claim)
             .await
             .map_err(unavailable)?;
-        self.accepted.count(&event.event_type);
+        live.accepted.count(&event.event_type);
         Ok(())
     }
 
@@ -371,10 +365,12 @@ impl Ingress {
 
 impl Handler for Ingress {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        // Taken once: this request keeps these rules to its end, whatever a reload does.
+        let live = self.live.current();
         if let Some(token) = &self.token
             && req.uri().path() == token.path()
         {
-            return token.handle(req, peer).await;
+            return token.handle(req, peer, &live.auth).await;
         }
         let started = Instant::now();
         // The head stays here until the log line, which borrows method and path from it.
@@ -384,7 +380,7 @@ impl Handler for Ingress {
             peer,
             started,
         };
-        let (route, permit, body) = match self.admit(&head, body, peer).await {
+        let (route, permit, body) = match self.admit(&live, &head, body, peer).await {
             Ok(admitted) => admitted,
             Err(refusal) => return self.respond(&seen, None, Err(refusal)),
         };
@@ -392,14 +388,14 @@ impl Handler for Ingress {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         // Kept until the log line, which borrows its fields instead of copying them.
-        let event = match (route.validate)(&body, &self.policy) {
+        let event = match (route.validate)(&body, &live.policy) {
             Ok(event) => event,
             Err(rejection) => {
                 drop(permit);
                 return self.respond(&seen, None, Err(rejection.into()));
             }
         };
-        let result = self.store(&event, &body, received_at_ms).await;
+        let result = self.store(&live, &event, &body, received_at_ms).await;
         drop(permit);
         self.respond(&seen, Some(&event), result)
     }

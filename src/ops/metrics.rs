@@ -52,6 +52,10 @@ pub struct Metrics {
     pub dedup_hits: Counter,
     /// Bodies stored in the claim-check store (SPEC 9), a claim check published instead.
     pub claim_checks: Counter,
+    /// SIGHUP reloads applied (SPEC 8).
+    pub config_reloads: Counter,
+    /// SIGHUP reloads refused: the new config did not load or check.
+    pub config_reload_failures: Counter,
     registry: Registry,
 }
 
@@ -82,6 +86,8 @@ impl Metrics {
             broker_returns: Counter::default(),
             dedup_hits: Counter::default(),
             claim_checks: Counter::default(),
+            config_reloads: Counter::default(),
+            config_reload_failures: Counter::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::with_prefix("cellosign_bridge");
@@ -159,6 +165,16 @@ impl Metrics {
             "claim_checks",
             "Bodies over amqp.max_message_bytes stored in archive.store_url, a claim check published instead",
             m.claim_checks.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP) applied",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "config_reload_failures",
+            "Configuration reloads (SIGHUP) refused, the running configuration kept",
+            m.config_reload_failures.clone(),
         );
         Metrics { registry: r, ..m }
     }

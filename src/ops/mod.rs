@@ -1,6 +1,7 @@
 //! For operators: health, readiness and metrics on the admin listener ([`admin`],
-//! [`metrics`]) and the logs ([`telemetry`]).
+//! [`metrics`]), the logs ([`telemetry`]) and the SIGHUP reload ([`reload`]).
 
 pub(crate) mod admin;
 pub(crate) mod metrics;
+pub(crate) mod reload;
 pub(crate) mod telemetry;
