@@ -119,6 +119,20 @@ mod tests {
         assert!("example.com".parse::<Cidr>().is_err());
     }
 
+    /// A network is shown as it is written, so `check-config` output loads again.
+    #[test]
+    fn a_network_shows_as_it_parses() {
+        for (written, shown) in [
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("192.168.1.7", "192.168.1.7/32"),
+            ("2001:db8::/32", "2001:db8::/32"),
+        ] {
+            let net: Cidr = written.parse().unwrap();
+            assert_eq!(net.to_string(), shown);
+            assert_eq!(shown.parse::<Cidr>().unwrap().to_string(), shown);
+        }
+    }
+
     #[test]
     fn mapped_ipv6_counts_as_ipv4() {
         let n = nets(&["127.0.0.0/8"]);
