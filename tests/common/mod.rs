@@ -591,6 +591,19 @@ pub async fn take(consumer: &mut Consumer, n: usize, within: Duration) -> Vec<De
     out
 }
 
+/// Every delivery (acked) until none has come for `quiet`.
+pub async fn take_for(consumer: &mut Consumer, quiet: Duration) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    while let Ok(Some(d)) = tokio::time::timeout(quiet, consumer.next()).await {
+        let d = d.expect("consumer error");
+        d.ack(lapin::options::BasicAckOptions::default())
+            .await
+            .expect("ack");
+        out.push(d);
+    }
+    out
+}
+
 /// A string header of a delivery.
 pub fn header(d: &Delivery, key: &str) -> Option<String> {
     d.properties
