@@ -16,17 +16,9 @@ use support::tcp_proxy::{CutMode, TcpProxy};
 const TOKEN: &str = "lifecycle-token";
 const GRACE_MS: u64 = 3000;
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
-}
-
 /// Posts `n` distinct events of reference `reference`; returns their message ids.
 async fn post_events(bridge: &BridgeProcess, tag: &str, reference: &str, n: u64) -> Vec<String> {
-    let client = client();
+    let client = http_client();
     let mut ids = Vec::new();
     for i in 0..n {
         let r = client
@@ -43,7 +35,7 @@ async fn post_events(bridge: &BridgeProcess, tag: &str, reference: &str, n: u64)
 }
 
 async fn readyz(bridge: &BridgeProcess) -> Option<(u16, String)> {
-    let r = client()
+    let r = http_client()
         .get(format!("http://{}/readyz", bridge.admin))
         .send()
         .await
@@ -257,7 +249,7 @@ async fn a_dead_background_task_turns_readiness_503_and_the_process_exits_non_ze
                     post_events(&bridge, "sup", "r-sup", 1).await;
                 }
                 "spool.writer_panic" => {
-                    let r = client()
+                    let r = http_client()
                         .post(bridge.url(TOKEN))
                         .header("content-type", "application/json")
                         .body(event_body("WHEF_SESSION_CREATED", "sup", "r-sup", 0))
@@ -358,7 +350,7 @@ fn send_until_signal(
         for s in 0..8u64 {
             let (url, stop) = (url.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
-                let client = client();
+                let client = http_client();
                 let mut sent = Vec::new();
                 let mut n = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {

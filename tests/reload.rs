@@ -18,14 +18,6 @@ use support::bridge_process::BridgeProcess;
 const RELOADS: &str = "cellosign_bridge_config_reloads_total";
 const FAILURES: &str = "cellosign_bridge_config_reload_failures_total";
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
-}
-
 /// Rewrites the test's config file (`--config`), as `BridgeProcess` first wrote it
 /// plus `config`.
 fn rewrite_config(spool: &Path, config: &str) {
@@ -34,7 +26,7 @@ fn rewrite_config(spool: &Path, config: &str) {
 }
 
 async fn metric(bridge: &BridgeProcess, series: &str) -> f64 {
-    let text = client()
+    let text = http_client()
         .get(format!("http://{}/metrics", bridge.admin))
         .send()
         .await
@@ -82,7 +74,7 @@ async fn post(
     forwarded_for: Option<&str>,
     n: u64,
 ) -> u16 {
-    let mut request = client()
+    let mut request = http_client()
         .post(format!("http://{}{path}", bridge.http))
         .header("content-type", "application/json")
         .header("x-webhook-token", token)
@@ -135,7 +127,7 @@ async fn tokens_rotate_through_the_tokens_file_under_load() {
                 on_new.clone(),
             );
             senders.push(tokio::spawn(async move {
-                let client = client();
+                let client = http_client();
                 let mut refused = Vec::new();
                 let mut n = 0u64;
                 while !stop.load(Ordering::SeqCst) {
@@ -240,7 +232,7 @@ fn token_url_config(dir: &Path) -> String {
 }
 
 async fn fetch_token(bridge: &BridgeProcess, forwarded_for: &str) -> u16 {
-    client()
+    http_client()
         .post(format!("http://{}/webhooks/cellosign/token", bridge.http))
         .header("x-forwarded-for", forwarded_for)
         .json(&serde_json::json!({
