@@ -57,18 +57,16 @@ pub enum DrainError {
 /// the report (events forwarded, left) as pretty JSON.
 pub async fn run(settings: &Settings, timeout: Duration) -> Result<String, DrainError> {
     let dir = &settings.spool.dir;
-    let before = match Spool::inspect(dir) {
-        Ok(stats) => stats.events,
-        Err(SpoolError::Locked(_)) => return Err(DrainError::InUse(dir.clone())),
-        Err(SpoolError::Io(ref e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DrainError::Missing(dir.clone()));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    // Checked before opening, which would create an empty spool at a wrong path.
+    if !Spool::exists(dir).map_err(SpoolError::from)? {
+        return Err(DrainError::Missing(dir.clone()));
+    }
     let spool = match Spool::open_with(dir, spool_options(settings)) {
         Err(SpoolError::Locked(_)) => return Err(DrainError::InUse(dir.clone())),
         other => other?,
     };
+    // The open scanned the file once; its count is the starting point.
+    let before = spool.stats().events;
     let deadline = Instant::now() + timeout;
     let metrics = Arc::new(Metrics::new());
     let supervisor = Supervisor::new();

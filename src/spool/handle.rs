@@ -142,6 +142,11 @@ impl Spool {
         })
     }
 
+    /// Whether `dir` holds a spool file, without opening (or creating) anything.
+    pub(crate) fn exists(dir: &Path) -> io::Result<bool> {
+        dir.join(FILE_NAME).try_exists()
+    }
+
     /// Reads the accounting of the spool in `dir` without starting a writer, for a CLI. Opens
     /// read-only when the file was closed cleanly, otherwise opens it writable so redb repairs
     /// it. Returns [`SpoolError::Locked`] while the server has it open.
