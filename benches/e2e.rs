@@ -6,9 +6,21 @@
 //! 2. Drain: a spool of 100 000 events forwarded to the broker, against a plain
 //!    lapin publish-with-confirms loop (same window, same messages) in the same run.
 //!
+//! 3. The bridge as its own process (the release binary, shipped config, spooled
+//!    mode): open loop at 2 000 and 10 000 req/s and unpaced, each with latency
+//!    from the due time (p50/p99/p99.9), the bridge's own CPU per event (from
+//!    `/proc/<pid>/stat`) and its peak RSS (`VmHWM`, reset between runs), then its
+//!    RSS at rest: the figures of cost per event and memory, without the load
+//!    client's share.
+//!
 //! Needs RabbitMQ at `AMQP_ADDR` (default the local one). Declares a unique
 //! exchange and deletes it afterwards. Knobs: `BENCH_SECS` (default 10),
-//! `BENCH_DRAIN_EVENTS` (default 100000).
+//! `BENCH_DRAIN_EVENTS` (default 100000), `BENCH_RATES` (default `2000,10000`),
+//! `BENCH_ONLY=process` (only part 3).
+
+#[allow(dead_code)]
+#[path = "../tests/support/bridge_process.rs"]
+mod bridge_process;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -306,10 +318,122 @@ async fn drain(exchange: &str, events: u64, references: u64) -> f64 {
     bridge
 }
 
+/// A field of `/proc/<pid>/status` in MiB (`VmHWM`, `VmRSS`).
+fn status_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Resets the peak RSS of `pid` to its current RSS (`clear_refs` 5).
+fn reset_peak(pid: u32) {
+    if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
+        println!("(cannot reset the peak RSS: {e}; figures include earlier peaks)");
+    }
+}
+
+/// Part 3: the release binary as a child, so CPU and memory are the bridge's alone.
+async fn process(exchange: &str) {
+    let spool = tempfile::tempdir().expect("tempdir");
+    let token = "bench-e2e-token";
+    let log_level = if std::env::var("BENCH_REQUEST_LOG").is_ok_and(|v| v == "1") {
+        "info"
+    } else {
+        "info,cellosign_bridge::request=warn"
+    };
+    let bridge = bridge_process::BridgeProcess::start(
+        spool.path(),
+        &amqp_url(),
+        exchange,
+        token,
+        &[
+            // Startup lines only: the per-request line would cost the pipe and this
+            // process more than the bridge (`BENCH_REQUEST_LOG=1` keeps it).
+            ("BRIDGE_LOG__LEVEL", log_level),
+        ],
+    );
+    let pid = bridge.pid();
+    let url = bridge.url(token);
+    let secs = env_or("BENCH_SECS", 10u64);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "bridge process at start: RSS {:.1} MiB (anonymous {:.1}, file {:.1})",
+        status_mib(pid, "VmRSS"),
+        status_mib(pid, "RssAnon"),
+        status_mib(pid, "RssFile")
+    );
+    load(&url, 1, Some(PACED_RATE), 10).await;
+    let rates: Vec<Option<f64>> = std::env::var("BENCH_RATES")
+        .unwrap_or_else(|_| "2000,10000".into())
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .map(Some)
+        .chain([None])
+        .collect();
+    println!(
+        "| bridge process, {CONNECTIONS} connections | accepted/s | p50 | p99 | p99.9 | max | bridge CPU | CPU/event | peak RSS |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (i, rate) in rates.into_iter().enumerate() {
+        // Let the previous run's spool drain and its connections settle first.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        reset_peak(pid);
+        let cpu = bridge_process::cpu_time_of(pid);
+        let (latencies, failures, elapsed) = load(&url, secs, rate, 20 + i as u64).await;
+        let cpu = bridge_process::cpu_time_of(pid) - cpu;
+        let ms = |p| percentile(&latencies, p).as_secs_f64() * 1e3;
+        println!(
+            "| {} | {:.0}{} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} core | {:.0} us | {:.1} MiB |",
+            rate.map_or("unpaced".to_string(), |r| format!("open loop {r:.0}/s")),
+            latencies.len() as f64 / elapsed,
+            if failures > 0 {
+                format!(" ({failures} not accepted)")
+            } else {
+                String::new()
+            },
+            ms(0.50),
+            ms(0.99),
+            ms(0.999),
+            latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+            cpu.as_secs_f64() / elapsed,
+            cpu.as_secs_f64() * 1e6 / latencies.len().max(1) as f64,
+            status_mib(pid, "VmHWM"),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cpu = bridge_process::cpu_time_of(pid);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    println!(
+        "bridge process at rest after the load: RSS {:.1} MiB (anonymous {:.1}, file {:.1}), {:.2}% of a core",
+        status_mib(pid, "VmRSS"),
+        status_mib(pid, "RssAnon"),
+        status_mib(pid, "RssFile"),
+        (bridge_process::cpu_time_of(pid) - cpu).as_secs_f64() / 5.0 * 100.0
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let exchange = format!("bench.e2e.{}", std::process::id());
-    answer_latency(&exchange).await;
+    let only_process = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "process");
+    if !only_process {
+        answer_latency(&exchange).await;
+    }
+    process(&exchange).await;
+    if only_process {
+        cleanup(&exchange).await;
+        return;
+    }
     let events = env_or("BENCH_DRAIN_EVENTS", 100_000u64);
     let bridge = drain(&exchange, events, 997).await;
     let plain = {
@@ -331,7 +455,11 @@ async fn main() {
         "drain of {hot} events, one reference (one publish in flight at a time): {one:.2}s = {:.0}/s",
         hot as f64 / one
     );
-    // Remove what the bench declared (the unrouted queue holds every message).
+    cleanup(&exchange).await;
+}
+
+/// Removes what the bench declared (the unrouted queue holds every message).
+async fn cleanup(exchange: &str) {
     if let Ok(c) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
         && let Ok(ch) = c.create_channel().await
     {
@@ -343,7 +471,7 @@ async fn main() {
             .queue_delete(unrouted.as_str().into(), QueueDeleteOptions::default())
             .await;
         let _ = ch
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
             .await;
         let _ = ch
             .exchange_delete(unrouted.as_str().into(), ExchangeDeleteOptions::default())
