@@ -16,7 +16,7 @@
 //! Needs RabbitMQ at `AMQP_ADDR` (default the local one). Declares a unique
 //! exchange and deletes it afterwards. Knobs: `BENCH_SECS` (default 10),
 //! `BENCH_DRAIN_EVENTS` (default 100000), `BENCH_RATES` (default `2000,10000`),
-//! `BENCH_ONLY=process` (only part 3).
+//! `BENCH_ONLY=latency|process|drain` (one part only).
 
 #[allow(dead_code)]
 #[path = "../tests/support/bridge_process.rs"]
@@ -425,12 +425,16 @@ async fn process(exchange: &str) {
 #[tokio::main]
 async fn main() {
     let exchange = format!("bench.e2e.{}", std::process::id());
-    let only_process = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "process");
-    if !only_process {
+    // One part only: `latency`, `process` or `drain`; all three without it.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only == name;
+    if part("latency") {
         answer_latency(&exchange).await;
     }
-    process(&exchange).await;
-    if only_process {
+    if part("process") {
+        process(&exchange).await;
+    }
+    if !part("drain") {
         cleanup(&exchange).await;
         return;
     }
