@@ -14,6 +14,13 @@
 //!   second worker on it is a hot standby.
 //! - `PREFETCH`: deliveries the broker may send ahead of our acks, default 32
 //!
+//! Option `--from first|last|next|<offset>|<RFC 3339 time>`: read `QUEUE` as a
+//! stream (an `[[amqp.queues]]` entry of `type = "stream"`) from that point of
+//! its history, e.g. to rebuild a read model from `first`. A stream keeps its
+//! messages: acking only moves us on, a failed message cannot be requeued, so
+//! this consumer skips a permanent failure and stops on a transient one, naming
+//! the offset to restart `--from`. Keep your own last handled offset to resume.
+//!
 //! A body too large for one message (an archive over the bridge's
 //! `amqp.max_message_bytes`) arrives claim-checked: header `x-claim-check: true`
 //! and a small document `{"claim_check": {"url", "sha256", "bytes"}, "event",
@@ -191,9 +198,25 @@ impl RecentIds {
     }
 }
 
-/// Settles one delivery with exactly one ack, reject or nack. Errs only when
-/// the channel fails; the broker then redelivers what we did not ack.
-async fn process(delivery: &Delivery, seen: &mut RecentIds) -> lapin::Result<()> {
+/// The offset RabbitMQ puts on each delivery from a stream (header
+/// `x-stream-offset`); `None` from any other queue.
+fn stream_offset(props: &BasicProperties) -> Option<i64> {
+    match props.headers().as_ref()?.inner().get("x-stream-offset")? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+/// Settles one delivery with exactly one ack, reject or nack (only acks on a
+/// stream, `offset` set: a stream takes no reject or nack). Errs when the channel
+/// fails (the broker then redelivers what we did not ack), or on a stream when a
+/// message cannot be handled now: stopping is the one way not to skip it.
+async fn process(
+    delivery: &Delivery,
+    seen: &mut RecentIds,
+    offset: Option<i64>,
+) -> Result<(), Fatal> {
     let props = &delivery.properties;
     let id = props.message_id().as_ref().map_or("", |id| id.as_str());
     if !id.is_empty() && seen.ids.contains(id) {
@@ -219,16 +242,27 @@ async fn process(delivery: &Delivery, seen: &mut RecentIds) -> lapin::Result<()>
             outcome => break outcome,
         }
     };
-    match result {
-        Ok(()) => {
+    match (result, offset) {
+        (Ok(()), _) => {
             // Remember before acking: if the ack is lost, the redelivery is
             // skipped rather than applied twice.
             seen.insert(id);
             delivery.ack(BasicAckOptions::default()).await?;
         }
+        // The stream keeps it: move on, it can be read again from its offset.
+        (Err(HandleError::Permanent(e)), Some(offset)) => {
+            warn!(id, offset, "permanent failure, skipping: {e}");
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        // Unsettled: the stream keeps it for the restart.
+        (Err(HandleError::Transient(e)), Some(offset)) => {
+            return Err(Fatal(format!(
+                "{id}: transient failure, giving up: {e}; restart with --from {offset}"
+            )));
+        }
         // Dropped, or dead-lettered if a queue policy sets a
         // dead-letter-exchange: set one to keep and inspect these.
-        Err(HandleError::Permanent(e)) => {
+        (Err(HandleError::Permanent(e)), None) => {
             warn!(id, "permanent failure, rejecting: {e}");
             let drop_it = BasicRejectOptions { requeue: false };
             delivery.reject(drop_it).await?;
@@ -239,7 +273,7 @@ async fn process(delivery: &Delivery, seen: &mut RecentIds) -> lapin::Result<()>
         // before RabbitMQ 4.3 also count each requeue against their
         // delivery-limit (default 20 since 4.0), then drop or dead-letter the
         // message. So rather retry longer in place.
-        Err(HandleError::Transient(e)) => {
+        (Err(HandleError::Transient(e)), None) => {
             warn!(id, "transient failure, giving up, requeueing: {e}");
             let requeue = BasicNackOptions {
                 requeue: true,
@@ -269,6 +303,33 @@ fn config() -> Result<(String, String, u16), String> {
         },
     };
     Ok((addr, queue, prefetch))
+}
+
+/// `--from POINT` (or `--from=POINT`): the `x-stream-offset` to consume a
+/// stream from, typed as RabbitMQ reads it: a string for `first`, `last`,
+/// `next`, a long-long integer for an offset, a timestamp (whole seconds) for a time.
+fn from_arg(mut args: impl Iterator<Item = String>) -> Result<Option<AMQPValue>, String> {
+    let usage = "usage: consumer [--from first|last|next|<offset>|<RFC 3339 time>]";
+    let point = match (args.next(), args.next(), args.next()) {
+        (None, ..) => return Ok(None),
+        (Some(flag), Some(point), None) if flag == "--from" => point,
+        (Some(flag), None, None) if flag.starts_with("--from=") => flag["--from=".len()..].into(),
+        _ => return Err(usage.into()),
+    };
+    let value = match point.as_str() {
+        "first" | "last" | "next" => AMQPValue::LongString(point.as_str().into()),
+        _ if !point.is_empty() && point.bytes().all(|b| b.is_ascii_digit()) => {
+            AMQPValue::LongLongInt(point.parse().map_err(|e| format!("--from {point}: {e}"))?)
+        }
+        _ => {
+            let time = chrono::DateTime::parse_from_rfc3339(&point)
+                .map_err(|e| format!("--from {point:?}: {e}; {usage}"))?;
+            let secs = u64::try_from(time.timestamp())
+                .map_err(|_| format!("--from {point}: before 1970"))?;
+            AMQPValue::Timestamp(secs)
+        }
+    };
+    Ok(Some(value))
 }
 
 fn parse_env<T: FromStr<Err: fmt::Display>>(name: &str) -> Result<Option<T>, String> {
@@ -317,6 +378,7 @@ async fn main() -> Result<(), Fatal> {
     // Logs go to stderr, so stdout carries only the handled events.
     tracing_subscriber::fmt().with_writer(io::stderr).init();
     let (addr, queue, prefetch) = config()?;
+    let from = from_arg(env::args().skip(1))?;
 
     // No automatic reconnect: on a lost connection we exit with an error for
     // the supervisor to restart us. Unacked messages are redelivered, and
@@ -346,13 +408,13 @@ async fn main() -> Result<(), Fatal> {
         .await?;
     let tag = ShortString::from(format!("cellosign-consumer-{}", std::process::id()));
     let options = BasicConsumeOptions::default();
+    let mut args = FieldTable::default();
+    if let Some(from) = &from {
+        // Where in the stream to start; a stream also needs the prefetch set above.
+        args.insert("x-stream-offset".into(), from.clone());
+    }
     let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            tag.clone(),
-            options,
-            FieldTable::default(),
-        )
+        .basic_consume(queue.as_str().into(), tag.clone(), options, args)
         .await?;
     // On a single-active-consumer queue we may be the standby: no deliveries
     // until the active consumer goes away.
@@ -373,7 +435,14 @@ async fn main() -> Result<(), Fatal> {
                 None => return Err("the broker cancelled the consumer (queue deleted?)".into()),
             },
         };
-        process(&delivery, &mut seen).await?;
+        let offset = stream_offset(&delivery.properties);
+        if from.is_some() && offset.is_none() {
+            // Unsettled: closing the connection hands it back to the queue.
+            return Err(
+                format!("queue '{queue}' is not a stream: --from reads streams only").into(),
+            );
+        }
+        process(&delivery, &mut seen, offset).await?;
     }
 
     // Stop deliveries, then close: the broker puts back what it sent ahead

@@ -65,6 +65,7 @@ mod supervisor;
 pub use amqp::link::Link;
 pub use amqp::message::{confirm_channel, send};
 pub use amqp::topology::{partition_queue, unrouted_name};
+pub use cli::replay::{StreamOffset, run as replay};
 pub use cli::spool_drain::run as spool_drain;
 pub use cli::spool_stats::run as spool_stats;
 pub use cli::tail::run as tail;

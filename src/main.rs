@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use cellosign_bridge::{Application, OnHangup};
-use cellosign_bridge::{Cli, Command, SpoolCommand, spool_drain, spool_stats, tail};
-use cellosign_bridge::{Settings, Sources};
+use cellosign_bridge::{Cli, Command, SpoolCommand, replay, spool_drain, spool_stats, tail};
+use cellosign_bridge::{Settings, Sources, StreamOffset};
 use clap::Parser;
 
 /// jemalloc instead of glibc's malloc: under load glibc keeps an arena per busy
@@ -66,7 +66,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::CheckConfig => print!("{}", settings.redacted_toml()),
-        Command::Tail { binding } => tail(&settings, &binding).await?,
+        Command::Tail {
+            binding,
+            queue,
+            from,
+            until_idle,
+        } => {
+            let until_idle = until_idle.map(std::time::Duration::from_secs);
+            match queue {
+                Some(queue) => {
+                    let from = from.unwrap_or(StreamOffset::Next);
+                    replay(&settings, &queue, from, until_idle).await?;
+                }
+                None => tail(&settings, &binding, until_idle).await?,
+            }
+        }
         Command::Spool {
             command: SpoolCommand::Stats,
         } => println!("{}", spool_stats(&settings).await?),

@@ -173,6 +173,8 @@ async fn cluster_failover_loses_nothing() {
             name: queue.clone(),
             kind: QueueKind::Quorum,
             bindings: vec!["#".into()],
+            max_age: None,
+            max_bytes: None,
         }];
         s.amqp.reconnect_initial_ms = 100;
         s.amqp.reconnect_max_ms = 1000;

@@ -102,6 +102,8 @@ fn durable_queue(name: &str) -> QueueSettings {
         name: name.to_string(),
         kind: QueueKind::Quorum,
         bindings: vec!["#".into()],
+        max_age: None,
+        max_bytes: None,
     }
 }
 

@@ -205,6 +205,8 @@ async fn topology_is_declared_with_the_alternate_exchange() {
                 name: queue.clone(),
                 kind: cellosign_bridge::QueueKind::Quorum,
                 bindings: vec!["only.this".into()],
+                max_age: None,
+                max_bytes: None,
             }]
         })
         .await;

@@ -6,7 +6,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
-use crate::config::{AmqpSettings, QueueKind};
+use crate::config::{AmqpSettings, QueueKind, QueueSettings};
 
 /// Plugin that `amqp.partitions` needs on the broker.
 pub const CONSISTENT_HASH_PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
@@ -73,6 +73,7 @@ async fn declare_queue(
     name: &str,
     kind: QueueKind,
     extra: &[(&str, AMQPValue)],
+    hint: &str,
 ) -> Result<(), TopologyError> {
     let mut args = vec![("x-queue-type", long(kind.as_str()))];
     args.extend(extra.iter().cloned());
@@ -81,9 +82,26 @@ async fn declare_queue(
         .await
         .map(|_| ())
         .map_err(|source| TopologyError::Declare {
-            what: format!("queue {name:?}"),
+            what: format!("queue {name:?}{hint}"),
             source,
         })
+}
+
+/// What an operator reads when a queue of `[[amqp.queues]]` is refused: the broker
+/// compares the arguments of an existing queue and refuses any change.
+const REDECLARE_HINT: &str = " (an existing queue of another type, max_age or max_bytes is refused with PRECONDITION_FAILED: delete it, or change a stream's retention with a policy)";
+
+/// Declares a queue of `[[amqp.queues]]` with its stream retention, if any.
+async fn declare_configured(channel: &Channel, queue: &QueueSettings) -> Result<(), TopologyError> {
+    let mut extra = Vec::new();
+    if let Some(age) = &queue.max_age {
+        extra.push(("x-max-age", long(age)));
+    }
+    // The config check keeps max_bytes within a long-long.
+    if let Some(bytes) = queue.max_bytes.and_then(|b| i64::try_from(b).ok()) {
+        extra.push(("x-max-length-bytes", AMQPValue::LongLongInt(bytes)));
+    }
+    declare_queue(channel, &queue.name, queue.kind, &extra, REDECLARE_HINT).await
 }
 
 async fn bind_queue(
@@ -143,7 +161,7 @@ pub(crate) async fn ensure(channel: &Channel, amqp: &AmqpSettings) -> Result<(),
             what: format!("exchange {unrouted:?}"),
             source,
         })?;
-    declare_queue(channel, &unrouted, QueueKind::Quorum, &[]).await?;
+    declare_queue(channel, &unrouted, QueueKind::Quorum, &[], "").await?;
     bind_queue(channel, &unrouted, &unrouted, "").await?;
     channel
         .exchange_declare(
@@ -158,7 +176,7 @@ pub(crate) async fn ensure(channel: &Channel, amqp: &AmqpSettings) -> Result<(),
             source,
         })?;
     for queue in &amqp.queues {
-        declare_queue(channel, &queue.name, queue.kind, &[]).await?;
+        declare_configured(channel, queue).await?;
         for key in &queue.bindings {
             bind_queue(channel, &queue.name, exchange, key).await?;
         }
@@ -208,6 +226,7 @@ pub(crate) async fn ensure_partitions(
             &queue,
             QueueKind::Quorum,
             &[("x-single-active-consumer", AMQPValue::Boolean(true))],
+            "",
         )
         .await?;
         // With a consistent-hash exchange the binding key is the partition's weight.

@@ -4,7 +4,8 @@
 //! and dispatch without knowing how a command works. The operator commands
 //! that do more than print settings live beside it, one file each:
 //!
-//! * [`tail`]: a throw-away consumer printing what flows through the exchange.
+//! * [`tail`]: a throw-away consumer printing what flows through the exchange;
+//!   [`replay`]: the same for a stream queue, read from a point of its history.
 //! * [`spool_stats`]: the spool's depth, from the file or from the running bridge,
 //!   which it asks through [`admin_client`].
 //!
@@ -12,6 +13,7 @@
 //! read: change them as user-facing text.
 
 pub mod admin_client;
+pub mod replay;
 pub mod spool_drain;
 pub mod spool_stats;
 pub mod tail;
@@ -19,6 +21,8 @@ pub mod tail;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+use replay::StreamOffset;
 
 /// cellosign-bridge: Cellosign webhooks to RabbitMQ, durable and fast.
 #[derive(Debug, Parser)]
@@ -39,11 +43,24 @@ pub enum Command {
     Serve,
     /// Print the effective configuration, secrets redacted, and exit.
     CheckConfig,
-    /// Print events flowing through the exchange as JSON lines (a throw-away consumer).
+    /// Print events flowing through the exchange as JSON lines (a throw-away consumer),
+    /// or with --queue replay a stream queue from a point of its history.
     Tail {
         /// Binding key to watch, e.g. a session reference; `#` is everything.
-        #[arg(long, default_value = "#")]
+        #[arg(long, default_value = "#", conflicts_with = "queue")]
         binding: String,
+        /// Read this stream queue (an [[amqp.queues]] entry of type "stream") instead of
+        /// binding a queue of tail's own; each line gains the message's "offset".
+        #[arg(long, value_name = "NAME")]
+        queue: Option<String>,
+        /// Where in the stream to start: first, last, next (the default), an offset
+        /// (as printed), or an RFC 3339 time (to the second: the first chunk written
+        /// then or later). Needs --queue.
+        #[arg(long, value_name = "POINT", requires = "queue")]
+        from: Option<StreamOffset>,
+        /// Exit 0 once no message has arrived for this many seconds (default: run until Ctrl-C).
+        #[arg(long, value_name = "SECONDS")]
+        until_idle: Option<u64>,
     },
     /// Inspect the spool.
     Spool {
@@ -90,8 +107,47 @@ mod tests {
         assert!(matches!(bare, Ok(Cli { command: None, .. })), "{bare:?}");
         let tail = Cli::try_parse_from(["cellosign-bridge", "tail"]);
         assert!(
-            matches!(&tail, Ok(Cli { command: Some(Command::Tail { binding }), .. }) if binding == "#"),
+            matches!(&tail, Ok(Cli { command: Some(Command::Tail { binding, queue: None, from: None, until_idle: None }), .. }) if binding == "#"),
             "{tail:?}"
         );
+    }
+
+    fn tail(args: &[&str]) -> Result<Command, clap::Error> {
+        let argv = ["cellosign-bridge", "tail"].iter().chain(args);
+        Cli::try_parse_from(argv).map(|cli| cli.command.unwrap_or(Command::Serve))
+    }
+
+    #[test]
+    fn tail_reads_a_stream_from_a_point_and_stops_when_idle() {
+        let replay = tail(&["--queue", "s", "--from", "42", "--until-idle", "3"]);
+        assert!(
+            matches!(&replay, Ok(Command::Tail { queue: Some(q), from: Some(StreamOffset::Offset(42)), until_idle: Some(3), .. }) if q == "s"),
+            "{replay:?}"
+        );
+        let next = tail(&["--queue", "s"]);
+        assert!(
+            matches!(
+                &next,
+                Ok(Command::Tail {
+                    queue: Some(_),
+                    from: None,
+                    ..
+                })
+            ),
+            "{next:?}"
+        );
+    }
+
+    #[test]
+    fn from_without_queue_and_queue_with_binding_are_usage_errors() {
+        for args in [
+            &["--from", "first"][..],
+            &["--queue", "s", "--binding", "r1"],
+            &["--queue", "s", "--from", "soon"],
+        ] {
+            let err = tail(args).expect_err("refused");
+            assert!(err.use_stderr(), "{args:?}: {err}");
+            assert_eq!(err.exit_code(), 2, "{args:?}: {err}");
+        }
     }
 }

@@ -4,11 +4,14 @@
 //! It connects on its own rather than through [`crate::amqp::link::Link`]: it needs
 //! one attempt and a clear failure, not the bridge's endless reconnecting, and
 //! no topology of its own beyond one exclusive queue that the broker deletes
-//! when `tail` goes.
+//! when `tail` goes. Reading a stream from a point of its history (`--queue`,
+//! `--from`) is [`super::replay`]; both share the connecting and the printing here.
 
 use std::io::Write;
+use std::time::Duration;
 
 use futures_util::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, Consumer};
@@ -22,20 +25,34 @@ pub enum TailError {
     /// No URL of `amqp.urls` gave a connection; one `url: reason` per URL, passwords redacted.
     #[error("no broker reachable: {0}")]
     Connect(String),
-    /// The broker connected but did not finish setting up the tail queue in time.
-    #[error("broker {url}: no answer within {CONNECT_TIMEOUT:?} while binding the tail queue")]
+    /// The broker connected but did not finish setting up the consumer in time.
+    #[error("broker {url}: no answer within {CONNECT_TIMEOUT:?} while setting up the consumer")]
     SetupTimeout { url: String },
-    /// The broker refused or dropped something (e.g. a missing exchange).
+    /// `--queue` named a queue that is not a stream: reading it would take its
+    /// messages from their consumers. Nothing was acked; the broker gets them back.
+    #[error(
+        "queue {queue:?} is not a stream: tail --queue reads streams only, and left the queue as it was"
+    )]
+    NotAStream { queue: String },
+    /// The broker refused or dropped something (e.g. a missing exchange or queue).
+    /// Not a `source`: lapin's error already shows its cause, and `main` prints
+    /// the chain, which would repeat it.
     #[error("broker: {0}")]
-    Amqp(#[from] lapin::Error),
+    Amqp(lapin::Error),
     /// stdout went away (a closed pipe): nobody is reading any more.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
 }
 
+impl From<lapin::Error> for TailError {
+    fn from(e: lapin::Error) -> Self {
+        TailError::Amqp(e)
+    }
+}
+
 /// One printed line: the routing facts a consumer developer filters on, and
 /// the body as JSON (or as text if it is not JSON).
-pub(crate) fn render(delivery: &lapin::message::Delivery) -> serde_json::Value {
+pub(crate) fn render(delivery: &Delivery) -> serde_json::Value {
     let props = &delivery.properties;
     let received_at = props
         .headers()
@@ -61,7 +78,7 @@ pub(crate) fn render(delivery: &lapin::message::Delivery) -> serde_json::Value {
 /// Tries each URL in order, as the bridge does, each attempt bounded by
 /// [`CONNECT_TIMEOUT`]; the first that connects wins. Returns the connection and
 /// its URL with the password redacted.
-async fn connect_any(urls: &[BrokerUrl]) -> Result<(Connection, String), TailError> {
+pub(crate) async fn connect_any(urls: &[BrokerUrl]) -> Result<(Connection, String), TailError> {
     let properties =
         ConnectionProperties::default().with_connection_name("cellosign-bridge tail".into());
     first_that_connects(urls, |url| Connection::connect(url, properties.clone()))
@@ -112,10 +129,48 @@ async fn bind(
     Ok((queue.name().as_str().to_string(), consumer))
 }
 
+/// The next delivery, or `None` when `tail` should stop: Ctrl-C, the broker ended
+/// the consumer, or (with `until_idle`) nothing arrived for that long.
+pub(crate) async fn next_delivery(
+    consumer: &mut Consumer,
+    until_idle: Option<Duration>,
+) -> Result<Option<Delivery>, TailError> {
+    let next = async {
+        match until_idle {
+            Some(idle) => tokio::time::timeout(idle, consumer.next())
+                .await
+                .unwrap_or(None),
+            None => consumer.next().await,
+        }
+    };
+    tokio::select! {
+        next = next => Ok(next.transpose()?),
+        _ = tokio::signal::ctrl_c() => Ok(None),
+    }
+}
+
+/// Writes one JSON line and flushes it, so a pipe sees each event as it comes.
+pub(crate) fn print(out: &mut impl Write, line: &serde_json::Value) -> Result<(), TailError> {
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Closes the connection, bounded: a clean close hands back at once what was
+/// delivered and not acked, and a broker that does not answer must not hold the exit.
+pub(crate) async fn finish(connection: Connection) {
+    let _ = tokio::time::timeout(CONNECT_TIMEOUT, connection.close(200, "tail done".into())).await;
+}
+
 /// Binds an exclusive, auto-delete queue to the exchange with `binding` and
-/// prints until interrupted. Connecting and binding are bounded by
-/// `CONNECT_TIMEOUT`; after that it waits for events as long as the operator likes.
-pub async fn run(settings: &Settings, binding: &str) -> Result<(), TailError> {
+/// prints until interrupted, or with `until_idle` until nothing has arrived for
+/// that long. Connecting and binding are bounded by `CONNECT_TIMEOUT`; after that
+/// it waits for events as long as the operator likes.
+pub async fn run(
+    settings: &Settings,
+    binding: &str,
+    until_idle: Option<Duration>,
+) -> Result<(), TailError> {
     let (connection, url) = connect_any(&settings.amqp.urls).await?;
     let exchange = settings.amqp.exchange.as_str();
     let (queue, mut consumer) =
@@ -124,19 +179,15 @@ pub async fn run(settings: &Settings, binding: &str) -> Result<(), TailError> {
             .map_err(|_| TailError::SetupTimeout { url })??;
     eprintln!("tail: bound {queue:?} to exchange {exchange:?} with {binding:?}; Ctrl-C to stop");
     let mut stdout = std::io::stdout();
-    loop {
-        tokio::select! {
-            next = consumer.next() => match next {
-                Some(delivery) => {
-                    let delivery = delivery?;
-                    writeln!(stdout, "{}", render(&delivery))?;
-                    stdout.flush()?;
-                }
-                None => return Ok(()),
-            },
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+    let result = async {
+        while let Some(delivery) = next_delivery(&mut consumer, until_idle).await? {
+            print(&mut stdout, &render(&delivery))?;
         }
+        Ok(())
     }
+    .await;
+    finish(connection).await;
+    result
 }
 
 #[cfg(test)]

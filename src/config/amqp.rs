@@ -73,6 +73,8 @@ impl Default for AmqpSettings {
                 name: "cellosign.sessions".into(),
                 kind: QueueKind::Quorum,
                 bindings: vec!["#".into()],
+                max_age: None,
+                max_bytes: None,
             }],
         }
     }
@@ -87,6 +89,46 @@ pub struct QueueSettings {
     pub kind: QueueKind,
     #[serde(default)]
     pub bindings: Vec<String>,
+    /// A stream's retention by age (`x-max-age`, RabbitMQ's syntax: `7D`, `12h`),
+    /// so that replay reaches back that far and no further. Streams only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+    /// A stream's retention by size (`x-max-length-bytes`). Streams only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+}
+
+/// Checks RabbitMQ's `x-max-age` syntax: a positive whole number and one unit of
+/// `Y`, `M`, `D`, `h`, `m`, `s` (the broker refuses anything else, and only when
+/// it is asked to declare the queue: better to stop at start). Returns the age in
+/// seconds, as RabbitMQ counts it (a month 30 days, a year 365).
+pub(crate) fn max_age_seconds(age: &str) -> Result<u64, String> {
+    let digits = age.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = age.split_at(digits);
+    let unit_seconds: u64 = match unit {
+        "Y" => 365 * 86_400,
+        "M" => 30 * 86_400,
+        "D" => 86_400,
+        "h" => 3600,
+        "m" => 60,
+        "s" => 1,
+        _ => {
+            return Err(format!(
+                "{age:?}: a whole number followed by one unit of Y, M, D, h, m, s (e.g. \"7D\")"
+            ));
+        }
+    };
+    match number.parse::<u64>() {
+        Ok(0) => Err(format!("{age:?}: must be more than 0")),
+        Ok(n) => n
+            .checked_mul(unit_seconds)
+            .filter(|s| s.checked_mul(1000).is_some())
+            .ok_or_else(|| format!("{age:?}: too long")),
+        Err(_) if number.is_empty() => Err(format!(
+            "{age:?}: a whole number followed by one unit of Y, M, D, h, m, s (e.g. \"7D\")"
+        )),
+        Err(_) => Err(format!("{age:?}: too long")),
+    }
 }
 
 /// RabbitMQ queue type (`x-queue-type`).
@@ -107,6 +149,51 @@ impl QueueKind {
             QueueKind::Classic => "classic",
             QueueKind::Stream => "stream",
         }
+    }
+}
+
+/// A bad value in the `i`th queue, named `amqp.queues[i].{name}`.
+fn queue_entry(i: usize, name: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Entry {
+        key: format!("amqp.queues[{i}].{name}"),
+        problem: problem.into(),
+    }
+}
+
+impl QueueSettings {
+    /// `max_age` and `max_bytes` are stream retention: valid values, on a stream.
+    fn check_retention(&self, i: usize) -> Result<(), ConfigError> {
+        let not_stream = |name: &str| {
+            queue_entry(
+                i,
+                name,
+                format!(
+                    "queue {:?} is of type {:?}; {name} is for type \"stream\" only",
+                    self.name,
+                    self.kind.as_str()
+                ),
+            )
+        };
+        if let Some(age) = &self.max_age {
+            if self.kind != QueueKind::Stream {
+                return Err(not_stream("max_age"));
+            }
+            max_age_seconds(age).map_err(|problem| queue_entry(i, "max_age", problem))?;
+        }
+        if let Some(bytes) = self.max_bytes {
+            if self.kind != QueueKind::Stream {
+                return Err(not_stream("max_bytes"));
+            }
+            // Declared as an AMQP long-long (signed 64 bits).
+            if bytes == 0 || i64::try_from(bytes).is_err() {
+                return Err(queue_entry(
+                    i,
+                    "max_bytes",
+                    format!("must be 1..={}", i64::MAX),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -176,7 +263,7 @@ impl AmqpSettings {
             ));
         }
         let mut names = HashSet::new();
-        for queue in &amqp.queues {
+        for (i, queue) in amqp.queues.iter().enumerate() {
             if queue.name.is_empty() || queue.name.len() > 255 {
                 return Err(invalid("amqp.queues", "a queue name is 1..=255 bytes"));
             }
@@ -192,7 +279,155 @@ impl AmqpSettings {
                     format!("queue {:?}: a binding key is at most 255 bytes", queue.name),
                 ));
             }
+            queue.check_retention(i)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(kind: QueueKind, max_age: Option<&str>, max_bytes: Option<u64>) -> AmqpSettings {
+        AmqpSettings {
+            queues: vec![
+                QueueSettings {
+                    name: "first".into(),
+                    kind: QueueKind::Quorum,
+                    bindings: vec!["#".into()],
+                    max_age: None,
+                    max_bytes: None,
+                },
+                QueueSettings {
+                    name: "second".into(),
+                    kind,
+                    bindings: vec!["#".into()],
+                    max_age: max_age.map(String::from),
+                    max_bytes,
+                },
+            ],
+            ..AmqpSettings::default()
+        }
+    }
+
+    fn refusal(settings: &AmqpSettings) -> String {
+        settings
+            .check()
+            .map(|()| "accepted".to_string())
+            .unwrap_or_else(|e| e.to_string())
+    }
+
+    #[test]
+    fn max_age_takes_rabbitmqs_units() {
+        for (age, seconds) in [
+            ("7D", 7 * 86_400),
+            ("1Y", 365 * 86_400),
+            ("2M", 60 * 86_400),
+            ("12h", 12 * 3600),
+            ("30m", 1800),
+            ("45s", 45),
+            ("007D", 7 * 86_400),
+        ] {
+            assert_eq!(max_age_seconds(age), Ok(seconds), "{age}");
+        }
+    }
+
+    #[test]
+    fn max_age_refuses_what_rabbitmq_refuses() {
+        for age in [
+            "",
+            "D",
+            "7",
+            "0D",
+            "7d",
+            "7 D",
+            "7DD",
+            "-1D",
+            "1.5D",
+            " 7D",
+            "7H",
+            "7S",
+            "1y",
+            "99999999999999999999D",
+            "999999999999999Y",
+        ] {
+            assert!(max_age_seconds(age).is_err(), "{age:?} accepted");
+        }
+    }
+
+    #[test]
+    fn a_stream_takes_max_age_and_max_bytes() {
+        assert_eq!(
+            refusal(&queue(QueueKind::Stream, Some("7D"), Some(1 << 30))),
+            "accepted"
+        );
+        assert_eq!(refusal(&queue(QueueKind::Stream, None, None)), "accepted");
+    }
+
+    #[test]
+    fn bad_retention_is_refused_naming_the_key() {
+        for (kind, age, bytes, key) in [
+            (
+                QueueKind::Quorum,
+                Some("7D"),
+                None,
+                "amqp.queues[1].max_age",
+            ),
+            (
+                QueueKind::Classic,
+                Some("7D"),
+                None,
+                "amqp.queues[1].max_age",
+            ),
+            (
+                QueueKind::Quorum,
+                None,
+                Some(1000),
+                "amqp.queues[1].max_bytes",
+            ),
+            (
+                QueueKind::Classic,
+                None,
+                Some(1000),
+                "amqp.queues[1].max_bytes",
+            ),
+            (
+                QueueKind::Stream,
+                Some("7 days"),
+                None,
+                "amqp.queues[1].max_age",
+            ),
+            (QueueKind::Stream, None, Some(0), "amqp.queues[1].max_bytes"),
+            (
+                QueueKind::Stream,
+                None,
+                Some(u64::MAX),
+                "amqp.queues[1].max_bytes",
+            ),
+        ] {
+            let err = refusal(&queue(kind, age, bytes));
+            assert!(
+                err.starts_with(&format!("{key}: ")),
+                "{kind:?} {age:?} {bytes:?}: {err}"
+            );
+        }
+        let err = refusal(&queue(QueueKind::Quorum, Some("7D"), None));
+        assert!(
+            err.contains("\"second\"") && err.contains("stream"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn retention_comes_from_toml_and_is_left_out_when_unset() {
+        let toml = "name = \"s\"\ntype = \"stream\"\nmax_age = \"7D\"\nmax_bytes = 1000\n";
+        let q: QueueSettings = toml::from_str(toml).expect("parses");
+        assert_eq!(
+            (q.max_age.as_deref(), q.max_bytes),
+            (Some("7D"), Some(1000))
+        );
+        let plain = toml::to_string(&AmqpSettings::default().queues[0]).expect("serializes");
+        assert!(!plain.contains("max_"), "{plain}");
     }
 }
