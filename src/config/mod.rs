@@ -248,7 +248,7 @@ impl Default for SpoolSettings {
             dir: PathBuf::from("var/spool"),
             max_bytes: 1 << 30,
             append_timeout_ms: 2000,
-            cache_bytes: 16 << 20,
+            cache_bytes: 4 << 20,
         }
     }
 }

@@ -32,7 +32,8 @@ pub struct SpoolOptions {
     /// Limit on the summed length of stored records (payload bytes, not file size: the file is
     /// larger by the B-tree overhead), checked when an append is accepted.
     pub max_bytes: u64,
-    /// redb page cache size. Default 16 MiB: the spool is read back soon after it is written.
+    /// redb page cache size. Default 4 MiB: the spool is read back soon after it is written, and
+    /// a deep backlog drains as fast from the OS page cache (bench e2e, drain part).
     pub cache_bytes: usize,
     /// redb quick repair: stores allocator state on every commit (2 fsyncs per commit) so a
     /// reopen after a crash skips the full-file check. Default off: the spool is normally small,
@@ -48,7 +49,7 @@ impl SpoolOptions {
     pub(crate) fn new(max_bytes: u64) -> Self {
         SpoolOptions {
             max_bytes,
-            cache_bytes: 16 << 20,
+            cache_bytes: 4 << 20,
             quick_repair: false,
             append_timeout: DEFAULT_APPEND_TIMEOUT,
         }
