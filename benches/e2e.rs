@@ -6,12 +6,17 @@
 //! 2. Drain: a spool of 100 000 events forwarded to the broker, against a plain
 //!    lapin publish-with-confirms loop (same window, same messages) in the same run.
 //!
+//! Step 1 runs with span export off and then on (`BENCH_TELEMETRY` = `both`,
+//! the default, `off` or `on`): on, the bridge exports every span over OTLP to a
+//! local sink started here that takes and discards them.
+//!
 //! Needs RabbitMQ at `AMQP_ADDR` (default the local one). Declares a unique
 //! exchange and deletes it afterwards. Knobs: `BENCH_SECS` (default 10),
-//! `BENCH_DRAIN_EVENTS` (default 100000).
+//! `BENCH_DRAIN_EVENTS` (default 100000), `BENCH_TELEMETRY`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,6 +26,7 @@ use cellosign_bridge::Forwarder;
 use cellosign_bridge::Link;
 use cellosign_bridge::Metrics;
 use cellosign_bridge::Spool;
+use cellosign_bridge::TraceContext;
 use cellosign_bridge::{AckMode, Settings, Sources};
 use cellosign_bridge::{confirm_channel, send};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions};
@@ -174,11 +180,59 @@ async fn measured(name: &str, url: &str, secs: u64, rate: Option<f64>, offset: u
     );
 }
 
-async fn answer_latency(exchange: &str) {
-    let spool = tempfile::tempdir().expect("tempdir");
-    let app = Application::build(settings(exchange, spool.path()))
+/// An OTLP/HTTP sink on 127.0.0.1:0 that reads and discards every request and
+/// answers 200; counts requests and bytes. Stops with the runtime.
+async fn otlp_sink() -> (std::net::SocketAddr, Arc<[AtomicU64; 2]>) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .expect("app");
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let counts: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let seen = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let body = req.into_body().collect().await.map(|c| c.to_bytes());
+                            seen[0].fetch_add(1, Ordering::Relaxed);
+                            seen[1]
+                                .fetch_add(body.map_or(0, |b| b.len() as u64), Ordering::Relaxed);
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(Bytes::new()),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, counts)
+}
+
+async fn answer_latency(exchange: &str, telemetry: bool) {
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut s = settings(exchange, spool.path());
+    let sink = if telemetry {
+        let (addr, counts) = otlp_sink().await;
+        s.telemetry.otlp_endpoint = format!("http://{addr}");
+        Some(counts)
+    } else {
+        None
+    };
+    let spans = if telemetry {
+        "spans exported"
+    } else {
+        "no span export"
+    };
+    let app = Application::build(s).await.expect("app");
     let url = format!("http://{}/webhooks/cellosign", app.http_addr());
     let stop = CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
@@ -186,7 +240,7 @@ async fn answer_latency(exchange: &str) {
     // Warm up connections and the broker link.
     load(&url, 1, Some(PACED_RATE), 0).await;
     measured(
-        &format!("spooled, {CONNECTIONS} connections, paced {PACED_RATE}/s"),
+        &format!("spooled, {spans}, {CONNECTIONS} connections, paced {PACED_RATE}/s"),
         &url,
         secs,
         Some(PACED_RATE),
@@ -194,7 +248,7 @@ async fn answer_latency(exchange: &str) {
     )
     .await;
     measured(
-        &format!("spooled, {CONNECTIONS} connections, unpaced"),
+        &format!("spooled, {spans}, {CONNECTIONS} connections, unpaced"),
         &url,
         secs,
         None,
@@ -211,6 +265,13 @@ async fn answer_latency(exchange: &str) {
     );
     stop.cancel();
     let _ = running.await;
+    if let Some(counts) = sink {
+        println!(
+            "OTLP sink: {} export requests, {:.1} MiB of spans",
+            counts[0].load(Ordering::Relaxed),
+            counts[1].load(Ordering::Relaxed) as f64 / (1 << 20) as f64
+        );
+    }
 }
 
 fn envelope(n: u64) -> Envelope {
@@ -231,6 +292,7 @@ fn envelope_of(n: u64, references: u64) -> Envelope {
         received_at_ms: 1_737_881_373_626,
         body: Bytes::from(body(n)),
         claim_check: false,
+        trace: Some(TraceContext::fresh()),
     }
 }
 
@@ -309,7 +371,13 @@ async fn drain(exchange: &str, events: u64, references: u64) -> f64 {
 #[tokio::main]
 async fn main() {
     let exchange = format!("bench.e2e.{}", std::process::id());
-    answer_latency(&exchange).await;
+    let telemetry = std::env::var("BENCH_TELEMETRY").unwrap_or_else(|_| "both".into());
+    if telemetry != "on" {
+        answer_latency(&exchange, false).await;
+    }
+    if telemetry != "off" {
+        answer_latency(&exchange, true).await;
+    }
     let events = env_or("BENCH_DRAIN_EVENTS", 100_000u64);
     let bridge = drain(&exchange, events, 997).await;
     let plain = {
