@@ -260,7 +260,7 @@ mod tests {
     #[test]
     fn tracestate_is_bounded() {
         let member = format!("k={}", "v".repeat(98));
-        let long = vec![member.as_str(); 8].join(",");
+        let long = [member.as_str(); 8].join(",");
         let got =
             Incoming::from_headers(&headers(&[("traceparent", VALID), ("tracestate", &long)]))
                 .and_then(|i| i.state)
