@@ -14,6 +14,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
+use support::bridge_process::BridgeProcess;
 use support::otlp_receiver::OtlpReceiver;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -295,20 +296,40 @@ async fn spans_are_exported_over_otlp_with_the_requests_trace_id_confirmed() {
     .await;
 }
 
-/// Spans still queued at a stop are exported by it: the export interval is far
-/// longer than the test, so only the flush at shutdown can deliver them.
-#[tokio::test]
-async fn a_stop_flushes_the_spans_still_queued() {
+/// Spans still queued at SIGTERM are exported before the process exits: the export
+/// interval is far longer than the test, so only the flush at shutdown can send
+/// them (the real binary, which exits as soon as the stop is done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_the_spans_still_queued() {
     bounded(async {
         let receiver = OtlpReceiver::start().await;
-        let app = spawn_app(AckMode::Spooled, |s| {
-            s.telemetry.otlp_endpoint = receiver.endpoint();
-            s.telemetry.export_interval_ms = 600_000;
-        })
-        .await;
-        let (_broker, mut consumer) = app.subscribe("#").await;
+        let exchange = unique("flush");
+        let spool = tempfile::tempdir().expect("temp dir");
+        let broker = Broker::connect(&amqp_url()).await;
+        broker.declare_exchange(&exchange).await;
+        let mut consumer = broker.subscribe(&exchange, "#").await;
+        let endpoint = receiver.endpoint();
+        let mut bridge = BridgeProcess::start(
+            spool.path(),
+            &amqp_url(),
+            &exchange,
+            "flush-token",
+            &[
+                ("BRIDGE_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+                ("BRIDGE_TELEMETRY__EXPORT_INTERVAL_MS", "600000"),
+            ],
+        );
         let body = event_body("WHEF_SESSION_CREATED", "s-flush", "ref-flush", 1);
-        let answer = post_with(&app, &body, &[]).await;
+        let answer = answer(
+            http_client()
+                .post(bridge.url("flush-token"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("request sent"),
+        )
+        .await;
         assert_eq!(answer.code, 200);
         let got = take(&mut consumer, 1, WAIT).await;
         let (trace_id, _, _) = traceparent(&got[0]);
@@ -318,7 +339,14 @@ async fn a_stop_flushes_the_spans_still_queued() {
             exported_spans(&receiver).is_empty(),
             "nothing is sent before the interval"
         );
-        app.stop().await;
+        bridge.signal("TERM");
+        let status = bridge.wait_exit(Duration::from_secs(15));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "exit; log:\n{}",
+            bridge.log()
+        );
         let names: HashSet<String> = exported_spans(&receiver)
             .into_iter()
             .filter(|(_, s)| hex(&s.trace_id) == trace_id)
@@ -327,9 +355,11 @@ async fn a_stop_flushes_the_spans_still_queued() {
         for step in ["receive", "validate", "store", "publish"] {
             assert!(
                 names.contains(step),
-                "{step} not flushed at stop: {names:?}"
+                "{step} not flushed at SIGTERM: {names:?}; log:\n{}",
+                bridge.log()
             );
         }
+        broker.cleanup(&exchange).await;
     })
     .await;
 }
