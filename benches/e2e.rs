@@ -217,6 +217,21 @@ async fn otlp_sink() -> (std::net::SocketAddr, Arc<[AtomicU64; 2]>) {
     (addr, counts)
 }
 
+/// What every event pays for its trace context with span export off: a new trace
+/// (two random ids) and its `traceparent` header, timed alone over a million events.
+fn trace_context_cost() {
+    const N: u32 = 1_000_000;
+    let started = Instant::now();
+    let mut bytes = 0usize;
+    for _ in 0..N {
+        bytes += std::hint::black_box(TraceContext::fresh().traceparent()).len();
+    }
+    println!(
+        "trace context without span export: {:.0} ns per event (new ids and the traceparent header; {bytes} bytes)",
+        started.elapsed().as_secs_f64() * 1e9 / f64::from(N)
+    );
+}
+
 async fn answer_latency(exchange: &str, telemetry: bool) {
     let spool = tempfile::tempdir().expect("tempdir");
     let mut s = settings(exchange, spool.path());
@@ -371,6 +386,7 @@ async fn drain(exchange: &str, events: u64, references: u64) -> f64 {
 #[tokio::main]
 async fn main() {
     let exchange = format!("bench.e2e.{}", std::process::id());
+    trace_context_cost();
     let telemetry = std::env::var("BENCH_TELEMETRY").unwrap_or_else(|_| "both".into());
     if telemetry != "on" {
         answer_latency(&exchange, false).await;

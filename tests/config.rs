@@ -206,68 +206,6 @@ fn archive_keys_have_their_defaults_and_bad_values_are_refused_naming_the_key() 
 }
 
 #[test]
-fn span_export_is_off_by_default_and_bad_values_are_refused_naming_the_key() {
-    let s = load(None, None, None, &[]).unwrap();
-    assert_eq!(s.telemetry.otlp_endpoint, "", "no span export unless asked");
-    assert_eq!(s.telemetry.service_name, "cellosign-bridge");
-    assert_eq!(s.telemetry.max_queued_spans, 2048);
-    assert_eq!(s.telemetry.export_interval_ms, 5000);
-    assert_eq!(s.telemetry.export_timeout_ms, 10_000);
-    let on = load(
-        None,
-        None,
-        None,
-        &[("BRIDGE_TELEMETRY__OTLP_ENDPOINT", "http://collector:4318")],
-    )
-    .unwrap();
-    assert_eq!(on.telemetry.otlp_endpoint, "http://collector:4318");
-    for (key, value, named) in [
-        (
-            "BRIDGE_TELEMETRY__OTLP_ENDPOINT",
-            "collector:4318",
-            "telemetry.otlp_endpoint",
-        ),
-        (
-            "BRIDGE_TELEMETRY__OTLP_ENDPOINT",
-            "https://collector:4318",
-            "telemetry.otlp_endpoint",
-        ),
-        (
-            "BRIDGE_TELEMETRY__SERVICE_NAME",
-            "",
-            "telemetry.service_name",
-        ),
-        (
-            "BRIDGE_TELEMETRY__MAX_QUEUED_SPANS",
-            "0",
-            "telemetry.max_queued_spans",
-        ),
-        (
-            "BRIDGE_TELEMETRY__EXPORT_INTERVAL_MS",
-            "0",
-            "telemetry.export_interval_ms",
-        ),
-        (
-            "BRIDGE_TELEMETRY__EXPORT_TIMEOUT_MS",
-            "0",
-            "telemetry.export_timeout_ms",
-        ),
-        (
-            "BRIDGE_TELEMETRY__EXPORT_TIMEOUT_MS",
-            "soon",
-            "export_timeout_ms",
-        ),
-        ("BRIDGE_TELEMETRY__OTLP_ENDPOIN", "http://x", "otlp_endpoin"),
-    ] {
-        let err = load(None, None, None, &[(key, value)])
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains(named), "{key}={value}: {err}");
-    }
-}
-
-#[test]
 fn the_claim_check_store_is_off_by_default_and_bad_values_are_refused_naming_the_key() {
     let s = load(None, None, None, &[]).unwrap();
     assert_eq!(s.archive.store_url, None, "without a store: 413 as before");

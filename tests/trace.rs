@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use cellosign_bridge::AckMode;
+use cellosign_bridge::{AckMode, Settings, Sources};
 use common::*;
 use lapin::message::Delivery;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -22,6 +22,71 @@ const WAIT: Duration = Duration::from_secs(20);
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
 const TRACESTATE: &str = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE";
+
+/// The built-in settings with `env` as the environment.
+fn load(env: &[(&str, &str)]) -> Result<Settings, cellosign_bridge::ConfigError> {
+    Settings::load(&Sources {
+        env: Some(
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Sources::default()
+    })
+}
+
+#[test]
+fn span_export_is_off_by_default_and_bad_values_are_refused_naming_the_key() {
+    let s = load(&[]).unwrap();
+    assert_eq!(s.telemetry.otlp_endpoint, "", "no span export unless asked");
+    assert_eq!(s.telemetry.service_name, "cellosign-bridge");
+    assert_eq!(s.telemetry.max_queued_spans, 2048);
+    assert_eq!(s.telemetry.export_interval_ms, 5000);
+    assert_eq!(s.telemetry.export_timeout_ms, 10_000);
+    let on = load(&[("BRIDGE_TELEMETRY__OTLP_ENDPOINT", "http://collector:4318")]).unwrap();
+    assert_eq!(on.telemetry.otlp_endpoint, "http://collector:4318");
+    for (key, value, named) in [
+        (
+            "BRIDGE_TELEMETRY__OTLP_ENDPOINT",
+            "collector:4318",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "BRIDGE_TELEMETRY__OTLP_ENDPOINT",
+            "https://collector:4318",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "BRIDGE_TELEMETRY__SERVICE_NAME",
+            "",
+            "telemetry.service_name",
+        ),
+        (
+            "BRIDGE_TELEMETRY__MAX_QUEUED_SPANS",
+            "0",
+            "telemetry.max_queued_spans",
+        ),
+        (
+            "BRIDGE_TELEMETRY__EXPORT_INTERVAL_MS",
+            "0",
+            "telemetry.export_interval_ms",
+        ),
+        (
+            "BRIDGE_TELEMETRY__EXPORT_TIMEOUT_MS",
+            "0",
+            "telemetry.export_timeout_ms",
+        ),
+        (
+            "BRIDGE_TELEMETRY__EXPORT_TIMEOUT_MS",
+            "soon",
+            "export_timeout_ms",
+        ),
+        ("BRIDGE_TELEMETRY__OTLP_ENDPOIN", "http://x", "otlp_endpoin"),
+    ] {
+        let err = load(&[(key, value)]).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains(named), "{key}={value}: {err}");
+    }
+}
 
 /// A message's `traceparent`, split: (trace id, parent id, flags), each as hex;
 /// fails unless it is a valid version-00 one.
