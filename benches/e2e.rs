@@ -13,10 +13,14 @@
 //!    RSS at rest: the figures of cost per event and memory, without the load
 //!    client's share.
 //!
+//! Step 1 runs with span export off and then on (`BENCH_TELEMETRY` = `both`,
+//! the default, `off` or `on`): on, the bridge exports every span over OTLP to a
+//! local sink started here that takes and discards them.
+//!
 //! Needs RabbitMQ at `AMQP_ADDR` (default the local one). Declares a unique
 //! exchange and deletes it afterwards. Knobs: `BENCH_SECS` (default 10),
-//! `BENCH_DRAIN_EVENTS` (default 100000), `BENCH_RATES` (default `2000,10000`),
-//! `BENCH_ONLY=latency|process|drain` (one part only).
+//! `BENCH_DRAIN_EVENTS` (default 100000), `BENCH_TELEMETRY`, `BENCH_RATES`
+//! (default `2000,10000`), `BENCH_ONLY=latency|process|drain` (one part only).
 
 #[allow(dead_code)]
 #[path = "../tests/support/bridge_process.rs"]
@@ -24,6 +28,7 @@ mod bridge_process;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -33,6 +38,7 @@ use cellosign_bridge::Forwarder;
 use cellosign_bridge::Link;
 use cellosign_bridge::Metrics;
 use cellosign_bridge::Spool;
+use cellosign_bridge::TraceContext;
 use cellosign_bridge::{AckMode, Settings, Sources};
 use cellosign_bridge::{confirm_channel, send};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions};
@@ -186,11 +192,74 @@ async fn measured(name: &str, url: &str, secs: u64, rate: Option<f64>, offset: u
     );
 }
 
-async fn answer_latency(exchange: &str) {
-    let spool = tempfile::tempdir().expect("tempdir");
-    let app = Application::build(settings(exchange, spool.path()))
+/// An OTLP/HTTP sink on 127.0.0.1:0 that reads and discards every request and
+/// answers 200; counts requests and bytes. Stops with the runtime.
+async fn otlp_sink() -> (std::net::SocketAddr, Arc<[AtomicU64; 2]>) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .expect("app");
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let counts: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let seen = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let body = req.into_body().collect().await.map(|c| c.to_bytes());
+                            seen[0].fetch_add(1, Ordering::Relaxed);
+                            seen[1]
+                                .fetch_add(body.map_or(0, |b| b.len() as u64), Ordering::Relaxed);
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(Bytes::new()),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, counts)
+}
+
+/// What every event pays for its trace context with span export off: a new trace
+/// (two random ids) and its `traceparent` header, timed alone over a million events.
+fn trace_context_cost() {
+    const N: u32 = 1_000_000;
+    let started = Instant::now();
+    let mut bytes = 0usize;
+    for _ in 0..N {
+        bytes += std::hint::black_box(TraceContext::fresh().traceparent()).len();
+    }
+    println!(
+        "trace context without span export: {:.0} ns per event (new ids and the traceparent header; {bytes} bytes)",
+        started.elapsed().as_secs_f64() * 1e9 / f64::from(N)
+    );
+}
+
+async fn answer_latency(exchange: &str, telemetry: bool) {
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut s = settings(exchange, spool.path());
+    let sink = if telemetry {
+        let (addr, counts) = otlp_sink().await;
+        s.telemetry.otlp_endpoint = format!("http://{addr}");
+        Some(counts)
+    } else {
+        None
+    };
+    let spans = if telemetry {
+        "spans exported"
+    } else {
+        "no span export"
+    };
+    let app = Application::build(s).await.expect("app");
     let url = format!("http://{}/webhooks/cellosign", app.http_addr());
     let stop = CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
@@ -198,7 +267,7 @@ async fn answer_latency(exchange: &str) {
     // Warm up connections and the broker link.
     load(&url, 1, Some(PACED_RATE), 0).await;
     measured(
-        &format!("spooled, {CONNECTIONS} connections, paced {PACED_RATE}/s"),
+        &format!("spooled, {spans}, {CONNECTIONS} connections, paced {PACED_RATE}/s"),
         &url,
         secs,
         Some(PACED_RATE),
@@ -206,7 +275,7 @@ async fn answer_latency(exchange: &str) {
     )
     .await;
     measured(
-        &format!("spooled, {CONNECTIONS} connections, unpaced"),
+        &format!("spooled, {spans}, {CONNECTIONS} connections, unpaced"),
         &url,
         secs,
         None,
@@ -223,6 +292,13 @@ async fn answer_latency(exchange: &str) {
     );
     stop.cancel();
     let _ = running.await;
+    if let Some(counts) = sink {
+        println!(
+            "OTLP sink: {} export requests, {:.1} MiB of spans",
+            counts[0].load(Ordering::Relaxed),
+            counts[1].load(Ordering::Relaxed) as f64 / (1 << 20) as f64
+        );
+    }
 }
 
 fn envelope(n: u64) -> Envelope {
@@ -243,6 +319,7 @@ fn envelope_of(n: u64, references: u64) -> Envelope {
         received_at_ms: 1_737_881_373_626,
         body: Bytes::from(body(n)),
         claim_check: false,
+        trace: Some(TraceContext::fresh()),
     }
 }
 
@@ -429,7 +506,14 @@ async fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let part = |name: &str| only.is_empty() || only == name;
     if part("latency") {
-        answer_latency(&exchange).await;
+        trace_context_cost();
+        let telemetry = std::env::var("BENCH_TELEMETRY").unwrap_or_else(|_| "both".into());
+        if telemetry != "on" {
+            answer_latency(&exchange, false).await;
+        }
+        if telemetry != "off" {
+            answer_latency(&exchange, true).await;
+        }
     }
     if part("process") {
         process(&exchange).await;

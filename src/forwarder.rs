@@ -30,12 +30,14 @@ use tracing::{error, info, warn};
 
 use crate::amqp::link::{Link, backoff};
 use crate::amqp::message::{
-    SendOrder, Tracked, Verdict, confirm_channel, returned_key, send, settled, sleep_until,
+    SendOrder, Tracked, Verdict, confirm_channel, returned_key, send_traced, settled, sleep_until,
 };
 use crate::config::AmqpSettings;
 use crate::event::envelope::Envelope;
 use crate::ops::metrics::Metrics;
 use crate::spool::{Spool, SpoolError};
+use crate::trace::Telemetry;
+use crate::trace::export::{PublishTarget, Span, end};
 
 /// How often `drain_until` looks at the spool depth.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
@@ -69,6 +71,8 @@ struct Target {
     publish_timeout: Duration,
     retry_initial: Duration,
     retry_max: Duration,
+    /// A `publish` span per publish when exporting.
+    telemetry: Telemetry,
 }
 
 /// Handle to the running forwarder task.
@@ -87,12 +91,25 @@ impl Forwarder {
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> (Forwarder, JoinHandle<()>) {
+        Self::start_traced(spool, link, amqp, metrics, Telemetry::default(), stop)
+    }
+
+    /// [`Forwarder::start`], each publish a span of `telemetry` when it exports.
+    pub(crate) fn start_traced(
+        spool: Spool,
+        link: Link,
+        amqp: &AmqpSettings,
+        metrics: Arc<Metrics>,
+        telemetry: Telemetry,
+        stop: CancellationToken,
+    ) -> (Forwarder, JoinHandle<()>) {
         let target = Target {
             exchange: amqp.exchange.clone(),
             window: amqp.max_unconfirmed,
             publish_timeout: amqp.publish_timeout(),
             retry_initial: amqp.reconnect_initial(),
             retry_max: amqp.reconnect_max(),
+            telemetry,
         };
         let task = tokio::spawn(run(spool.clone(), link, target, metrics, stop.clone()));
         (Forwarder { spool, stop }, task)
@@ -135,8 +152,8 @@ struct Lanes {
     lanes: HashMap<Arc<str>, Lane>,
     ready: VecDeque<Arc<str>>,
     waiting: DelayQueue<Arc<str>>,
-    /// Publishes in flight on the current channel: seq -> (key, sent at).
-    in_flight: HashMap<u64, (Arc<str>, Instant)>,
+    /// Publishes in flight on the current channel: seq -> (key, sent at, its span).
+    in_flight: HashMap<u64, (Arc<str>, Instant, Option<Span>)>,
     /// Seqs in send order, to find the oldest unconfirmed one.
     sent: SendOrder,
     /// Events read from the spool and not yet removed.
@@ -198,7 +215,8 @@ impl Lanes {
 
     /// After a channel is lost: every head in flight goes back to ready.
     fn channel_lost(&mut self) {
-        for (_, (key, _)) in self.in_flight.drain() {
+        for (_, (key, _, span)) in self.in_flight.drain() {
+            end(span, Some("channel lost"));
             if let Some(lane) = self.lanes.get_mut(&key) {
                 lane.state = LaneState::Ready;
                 lane.returned = None;
@@ -364,9 +382,23 @@ impl Pass<'_> {
                 if crate::fault::armed("forwarder.panic").is_some() {
                     panic!("fault injected: forwarder.panic");
                 }
-                let confirm = match send(self.channel, &self.target.exchange, envelope).await {
+                let exchange = self.target.exchange.as_str();
+                let (span, own) = match self.target.telemetry.publish(
+                    envelope.trace.as_ref(),
+                    &PublishTarget {
+                        exchange,
+                        routing_key: &envelope.routing_key,
+                        message_id: &envelope.message_id,
+                    },
+                ) {
+                    Some((span, own)) => (Some(span), Some(own)),
+                    None => (None, None),
+                };
+                let sent = send_traced(self.channel, exchange, envelope, own.as_ref()).await;
+                let confirm = match sent {
                     Ok(confirm) => confirm,
                     Err(e) => {
+                        end(span, Some("broker error"));
                         self.lanes.ready.push_front(key);
                         return e.into();
                     }
@@ -375,7 +407,7 @@ impl Pass<'_> {
                 let now = Instant::now();
                 confirms.push(Tracked::new(*seq, confirm));
                 self.lanes.sent.push(now, *seq);
-                self.lanes.in_flight.insert(*seq, (key, now));
+                self.lanes.in_flight.insert(*seq, (key, now, span));
             }
             if !self.lanes.delivered.is_empty() {
                 if crate::fault::once("forwarder.channel_lost_before_remove") {
@@ -442,13 +474,15 @@ impl Pass<'_> {
         }
         let mut nacked = false;
         for (seq, confirmation) in batch.drain(..) {
-            let Some((key, sent_at)) = self.lanes.in_flight.remove(&seq) else {
+            let Some((key, sent_at, span)) = self.lanes.in_flight.remove(&seq) else {
                 continue;
             };
             let Some(lane) = self.lanes.lanes.get_mut(&key) else {
                 continue;
             };
-            match Verdict::of(confirmation, lane.returned.take(), self.metrics) {
+            let verdict = Verdict::of(confirmation, lane.returned.take(), self.metrics);
+            end(span, verdict.failure());
+            match verdict {
                 Verdict::Delivered => {
                     self.metrics
                         .publish_confirm

@@ -37,6 +37,10 @@
 //!   topology declared on it, the AMQP message of an envelope and the judging of
 //!   confirms (`message`), and the publisher of `confirmed` mode.
 //!
+//! * `trace`: the W3C trace context of each request, kept with its event through the
+//!   spool into the message headers, and, with `telemetry.otlp_endpoint`, spans of
+//!   receive, validate, store and publish exported over OTLP.
+//!
 //! Beside them: `ops` (health, readiness, metrics, logs, the SIGHUP reload),
 //! `config` (layered typed settings, secrets that redact themselves), `startup`
 //! (builds the application for `main` and tests alike), `supervisor` (one cancellation tree
@@ -61,6 +65,7 @@ mod ops;
 mod spool;
 mod startup;
 mod supervisor;
+mod trace;
 
 pub use amqp::link::Link;
 pub use amqp::message::{confirm_channel, send};
@@ -86,3 +91,4 @@ pub use ops::telemetry::{LogControl, init as init_telemetry};
 pub use spool::{Spool, SpoolError};
 pub use startup::Application;
 pub use supervisor::Failure;
+pub use trace::TraceContext;

@@ -29,6 +29,7 @@ use crate::ops::metrics::Metrics;
 use crate::ops::reload::{OnHangup, Reloader};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use crate::supervisor::{Failure, Supervisor};
+use crate::trace::{Telemetry, TelemetryError};
 
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,9 @@ pub enum StartError {
     /// The claim-check store (`archive.store_url`) could not be opened.
     #[error(transparent)]
     ClaimStore(#[from] OpenError),
+    /// The span exporter (`telemetry.otlp_endpoint`) could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// A built, bound application, not yet serving.
@@ -66,6 +70,8 @@ pub struct Application {
     /// The signing keys the running rules verify with.
     keys: Option<Arc<TokenKeys>>,
     metrics: Arc<Metrics>,
+    /// Span export, flushed last at shutdown.
+    telemetry: Telemetry,
     /// Reloads on SIGHUP, once [`Application::reload_on`] asked for it.
     reload: Option<(Reloader, tokio::signal::unix::Signal)>,
 }
@@ -95,6 +101,7 @@ impl Application {
             AckMode::Confirmed => None,
         };
         let claim_store = ClaimStore::open(&settings.archive, settings.amqp.max_message_bytes)?;
+        let telemetry = Telemetry::start(&settings.telemetry)?;
 
         let metrics = Arc::new(Metrics::new());
         let supervisor = Supervisor::new();
@@ -102,8 +109,14 @@ impl Application {
 
         let (delivery, forwarder) = match &spool {
             Some(spool) => {
-                let forwarder =
-                    start_forwarder(spool, &link, &settings.amqp, &metrics, &supervisor);
+                let forwarder = start_forwarder(
+                    spool,
+                    &link,
+                    &settings.amqp,
+                    &metrics,
+                    &telemetry,
+                    &supervisor,
+                );
                 (Delivery::Spooled(spool.clone()), Some(forwarder))
             }
             None => {
@@ -161,7 +174,8 @@ impl Application {
             delivery,
             metrics.clone(),
             supervisor.clone(),
-        );
+        )
+        .with_telemetry(telemetry.clone());
         if let Some(keys) = keys.clone() {
             info!(
                 path = %settings.auth.token_path,
@@ -198,6 +212,7 @@ impl Application {
             live,
             keys,
             metrics,
+            telemetry,
             reload: None,
         })
     }
@@ -279,6 +294,7 @@ impl Application {
             archive_path = %self.settings.http.archive_path,
             admin = %admin_addr,
             mode = ?self.settings.delivery.ack,
+            span_export = self.telemetry.is_on(),
             "cellosign-bridge serving"
         );
 
@@ -311,6 +327,9 @@ impl Application {
                 Err(_) => warn!("the spool did not close in time; its committed events are safe"),
             }
         }
+        // The last spans (the final publishes) are flushed within what is left of the grace.
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.telemetry.shutdown(left.max(CLOSE_MIN)).await;
         admin_stop.cancel();
         supervisor.cancel_all();
         let wait_until = deadline.max(Instant::now()) + CLOSE_MIN;
@@ -351,6 +370,7 @@ pub(crate) fn start_forwarder(
     link: &Link,
     amqp: &AmqpSettings,
     metrics: &Arc<Metrics>,
+    telemetry: &Telemetry,
     supervisor: &Supervisor,
 ) -> Forwarder {
     let stats = spool.stats();
@@ -362,11 +382,12 @@ pub(crate) fn start_forwarder(
         );
     }
     let stop = supervisor.child_token();
-    let (forwarder, task) = Forwarder::start(
+    let (forwarder, task) = Forwarder::start_traced(
         spool.clone(),
         link.clone(),
         amqp,
         metrics.clone(),
+        telemetry.clone(),
         stop.clone(),
     );
     supervisor.watch("forwarder", stop.clone(), task);

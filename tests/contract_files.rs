@@ -563,10 +563,22 @@ async fn published_messages_carry_exactly_the_properties_and_headers_asyncapi_na
                 "contract-claim-ref".to_string(),
             ),
         ];
+        // With a caller's trace, so that the conditional `tracestate` is set too.
         for (name, url, body, _) in &posts {
-            let answer = app
-                .post_to(url, body.clone(), Some("application/json"))
-                .await;
+            let sent = app
+                .client
+                .post(url)
+                .header("content-type", "application/json")
+                .header(
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )
+                .header("tracestate", "rojo=00f067aa0ba902b7")
+                .body(body.clone())
+                .send()
+                .await
+                .expect("request sent");
+            let answer = answer(sent).await;
             assert_eq!(answer.code, 200, "{name}: {answer:?}");
         }
         let got = take(&mut consumer, posts.len(), Duration::from_secs(20)).await;

@@ -1,6 +1,7 @@
 //! Writes the seed corpus of both fuzz targets from the contract vectors:
 //! `fuzz/corpus/validate/seed-NN` (every vector body) and
-//! `fuzz/corpus/spool_record/seed-NN` (the envelope of every accepted one).
+//! `fuzz/corpus/spool_record/seed-NN` (the envelope of every accepted one, every
+//! other one with a trace context).
 //!
 //! `cargo run --manifest-path fuzz/Cargo.toml --bin seed_corpus`
 
@@ -8,7 +9,7 @@ use std::fs;
 use std::path::Path;
 
 use bytes::Bytes;
-use cellosign_bridge::Envelope;
+use cellosign_bridge::{Envelope, TraceContext};
 use cellosign_bridge::{Policy, validate};
 use serde_json::Value;
 
@@ -29,7 +30,16 @@ fn main() {
         bodies += 1;
         if let Ok(event) = validate(body, &policy) {
             let received_at_ms = 1_737_881_373_626 + i as u64;
-            let envelope = Envelope::new(&event, Bytes::copy_from_slice(body), received_at_ms);
+            let mut envelope = Envelope::new(&event, Bytes::copy_from_slice(body), received_at_ms);
+            // Every other seed carries a trace context (a fixed one: seeds are reproducible).
+            if i % 2 == 1 {
+                envelope.trace = Some(TraceContext {
+                    trace_id: *b"trace-id-16bytes",
+                    span_id: *b"span-id8",
+                    flags: 1,
+                    state: (i % 4 == 1).then(|| "rojo=00f067aa0ba902b7".to_string()),
+                });
+            }
             fs::write(spool_dir.join(format!("seed-{i:02}")), envelope.encode()).unwrap();
             records += 1;
         }

@@ -46,6 +46,8 @@ pub struct DirectPublisher {
     jobs: mpsc::Sender<Job>,
     link: Link,
     timeout: Duration,
+    /// Where it publishes, for the attributes of a `publish` span.
+    exchange: String,
 }
 
 impl DirectPublisher {
@@ -61,7 +63,7 @@ impl DirectPublisher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let task = Dispatcher {
             link: link.clone(),
-            exchange,
+            exchange: exchange.clone(),
             timeout,
             metrics,
             channel: None,
@@ -77,9 +79,15 @@ impl DirectPublisher {
                 jobs: tx,
                 link,
                 timeout,
+                exchange,
             },
             handle,
         )
+    }
+
+    /// The exchange it publishes to.
+    pub(crate) fn exchange(&self) -> &str {
+        &self.exchange
     }
 
     /// Publishes and waits for a plain ack of this publish, at most the publish timeout.
@@ -90,7 +98,7 @@ impl DirectPublisher {
             routing_key: envelope.routing_key.clone(),
             message_id: envelope.message_id.clone(),
             body: envelope.body.clone(),
-            properties: properties(envelope),
+            properties: properties(envelope, None),
             deadline,
             reply,
         };

@@ -18,6 +18,8 @@ use tokio::time::Instant;
 
 use crate::event::envelope::Envelope;
 use crate::ops::metrics::Metrics;
+use crate::trace::TraceContext;
+use crate::trace::context::{TRACEPARENT, TRACESTATE};
 
 /// `app_id` of every published message.
 pub const APP_ID: &str = "cellosign-bridge";
@@ -66,9 +68,12 @@ pub(crate) fn rfc3339_millis(unix_ms: u64) -> String {
     )
 }
 
-/// The AMQP properties and headers of an envelope (SPEC 3), and `x-claim-check`
-/// for a claim-check document (SPEC 9).
-pub(crate) fn properties(envelope: &Envelope) -> BasicProperties {
+/// The AMQP properties and headers of an envelope (SPEC 3), `x-claim-check`
+/// for a claim-check document (SPEC 9), and its trace context (SPEC 7):
+/// `traceparent` from `own` (the context of the bridge's `publish` span) if given,
+/// else the envelope's, else (a record from before traces) a new trace's;
+/// `tracestate` when the caller sent one.
+pub(crate) fn properties(envelope: &Envelope, own: Option<&TraceContext>) -> BasicProperties {
     let mut headers = FieldTable::default();
     for (k, v) in [
         ("x-event-type", envelope.event_type.as_str()),
@@ -84,6 +89,24 @@ pub(crate) fn properties(envelope: &Envelope) -> BasicProperties {
     // SPEC 9: the body is a claim-check document, the event's body is in the store.
     if envelope.claim_check {
         headers.insert("x-claim-check".into(), AMQPValue::Boolean(true));
+    }
+    let fresh;
+    let trace = match own.or(envelope.trace.as_ref()) {
+        Some(trace) => trace,
+        None => {
+            fresh = TraceContext::fresh();
+            &fresh
+        }
+    };
+    headers.insert(
+        TRACEPARENT.into(),
+        AMQPValue::LongString(LongString::from(trace.traceparent())),
+    );
+    if let Some(state) = &trace.state {
+        headers.insert(
+            TRACESTATE.into(),
+            AMQPValue::LongString(LongString::from(state.as_str())),
+        );
     }
     BasicProperties::default()
         .with_delivery_mode(2)
@@ -102,6 +125,16 @@ pub async fn send(
     exchange: &str,
     envelope: &Envelope,
 ) -> Result<PublisherConfirm, lapin::Error> {
+    send_traced(channel, exchange, envelope, None).await
+}
+
+/// [`send`], the message carrying `own` as its trace context if given (see [`properties`]).
+pub(crate) async fn send_traced(
+    channel: &Channel,
+    exchange: &str,
+    envelope: &Envelope,
+    own: Option<&TraceContext>,
+) -> Result<PublisherConfirm, lapin::Error> {
     channel
         .basic_publish(
             exchange.into(),
@@ -111,7 +144,7 @@ pub async fn send(
                 ..BasicPublishOptions::default()
             },
             &envelope.body,
-            properties(envelope),
+            properties(envelope, own),
         )
         .await
 }
@@ -261,6 +294,16 @@ impl Verdict {
         }
     }
 
+    /// Why it did not count as delivered, for a span's status; `None` when delivered.
+    pub(crate) fn failure(&self) -> Option<&'static str> {
+        match self {
+            Verdict::Delivered => None,
+            Verdict::Nacked => Some("nacked"),
+            Verdict::Returned { .. } => Some("returned as unroutable"),
+            Verdict::Failed(_) => Some("channel failed"),
+        }
+    }
+
     /// As the error a caller sees, `None` when delivered.
     pub(crate) fn into_error(self) -> Option<PublishError> {
         match self {
@@ -275,6 +318,57 @@ impl Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn envelope(trace: Option<TraceContext>) -> Envelope {
+        Envelope {
+            routing_key: "r".into(),
+            message_id: "m".into(),
+            event_type: "T".into(),
+            session_id: "s".into(),
+            reference: "r".into(),
+            received_at_ms: 0,
+            body: bytes::Bytes::new(),
+            claim_check: false,
+            trace,
+        }
+    }
+
+    fn header(p: &BasicProperties, key: &str) -> Option<String> {
+        match p.headers().as_ref()?.inner().get(key)? {
+            AMQPValue::LongString(s) => Some(s.to_string()),
+            _ => None,
+        }
+    }
+
+    /// The stored context is published; the bridge's own publish span wins over it;
+    /// a record from before traces gets a new trace, never none.
+    #[test]
+    fn the_trace_headers_come_from_the_span_the_envelope_or_a_new_trace() {
+        let stored = TraceContext {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            flags: 1,
+            state: Some("a=b".into()),
+        };
+        let p = properties(&envelope(Some(stored.clone())), None);
+        assert_eq!(header(&p, "traceparent"), Some(stored.traceparent()));
+        assert_eq!(header(&p, "tracestate").as_deref(), Some("a=b"));
+        let own = TraceContext {
+            span_id: [3; 8],
+            state: None,
+            ..stored.clone()
+        };
+        let p = properties(&envelope(Some(stored)), Some(&own));
+        assert_eq!(header(&p, "traceparent"), Some(own.traceparent()));
+        assert_eq!(header(&p, "tracestate"), None);
+        let (a, b) = (
+            header(&properties(&envelope(None), None), "traceparent"),
+            header(&properties(&envelope(None), None), "traceparent"),
+        );
+        let a = a.expect("a record from before traces still gets a traceparent");
+        assert!(a.len() == 55 && a.starts_with("00-"), "{a}");
+        assert_ne!(Some(a), b, "a new trace each");
+    }
 
     #[test]
     fn formats_received_at() {

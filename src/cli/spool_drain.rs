@@ -19,6 +19,7 @@ use crate::ops::metrics::Metrics;
 use crate::spool::{Spool, SpoolError};
 use crate::startup::{spool_options, start_forwarder, start_link};
 use crate::supervisor::Supervisor;
+use crate::trace::Telemetry;
 
 /// Time given to closing the spool and ending the tasks after the drain.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
@@ -71,7 +72,15 @@ pub async fn run(settings: &Settings, timeout: Duration) -> Result<String, Drain
     let metrics = Arc::new(Metrics::new());
     let supervisor = Supervisor::new();
     let (link, broker_stop) = start_link(&settings.amqp, &metrics, &supervisor);
-    let forwarder = start_forwarder(&spool, &link, &settings.amqp, &metrics, &supervisor);
+    // No spans from a drain: its messages carry the trace context the spool kept.
+    let forwarder = start_forwarder(
+        &spool,
+        &link,
+        &settings.amqp,
+        &metrics,
+        &Telemetry::default(),
+        &supervisor,
+    );
 
     tokio::select! {
         () = forwarder.drain_until(deadline) => {}

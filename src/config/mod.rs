@@ -17,6 +17,7 @@ mod amqp;
 mod archive;
 mod auth;
 mod secret;
+mod telemetry;
 
 pub use amqp::{AmqpSettings, QueueKind, QueueSettings};
 pub use archive::{ArchiveSettings, StoreLocation};
@@ -25,6 +26,7 @@ pub(crate) use auth::ClientSettings;
 pub use auth::{AuthSettings, ClientKind};
 use secret::secret_lines;
 pub use secret::{BrokerUrl, Secret};
+pub use telemetry::TelemetrySettings;
 
 /// Prefix of environment overrides: `BRIDGE_<SECTION>__<KEY>`.
 const ENV_PREFIX: &str = "BRIDGE";
@@ -114,6 +116,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     pub shutdown: ShutdownSettings,
     pub log: LogSettings,
+    /// Span export over OTLP (off by default).
+    pub telemetry: TelemetrySettings,
 }
 
 /// The public webhook listener.
@@ -419,6 +423,7 @@ impl Settings {
         }
         self.amqp.check()?;
         self.archive.check()?;
+        self.telemetry.check()?;
         if self.admin.listen == self.http.listen && self.http.listen.port() != 0 {
             return Err(invalid("admin.listen", "must differ from http.listen"));
         }

@@ -33,6 +33,8 @@ use crate::ingress::live::{Live, LiveConfig};
 use crate::ingress::route::{PathLimits, Route};
 use crate::ops::metrics::Metrics;
 use crate::supervisor::Supervisor;
+use crate::trace::Telemetry;
+use crate::trace::export::{RequestTrace, end};
 
 /// Seconds a caller is asked to wait after 429.
 const RETRY_AFTER_BUSY_S: &str = "1";
@@ -74,6 +76,8 @@ pub struct Ingress {
     metrics: Arc<Metrics>,
     /// Once a background task died nothing may be answered "0": it might never be forwarded.
     supervisor: Supervisor,
+    /// Spans of each request, when exporting; the trace context is kept either way.
+    telemetry: Telemetry,
 }
 
 /// A refused request: its HTTP code, the reason shown to the caller, and a metric label.
@@ -146,7 +150,14 @@ impl Ingress {
             delivery,
             metrics,
             supervisor,
+            telemetry: Telemetry::default(),
         }
+    }
+
+    /// Exports spans of each request through `telemetry` (when it is on).
+    pub(crate) fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     /// Serves the token URL too (SPEC 9).
@@ -228,16 +239,10 @@ impl Ingress {
         event: &Event<'_>,
         body: &Bytes,
         received_at_ms: u64,
+        trace: &RequestTrace,
     ) -> Result<(), Refusal> {
         let unavailable = |e: DeliveryError| {
-            let metric = match e {
-                DeliveryError::Full => "spool_full",
-                DeliveryError::Storage(_) => "spool_error",
-                DeliveryError::Timeout(_) => "spool_timeout",
-                DeliveryError::CopyFailed => "copy_failed",
-                DeliveryError::Publish(_) => "broker_unavailable",
-            };
-            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), metric)
+            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), e.metric())
         };
         if self.supervisor.has_failed() {
             return Err(Refusal::new(
@@ -273,7 +278,7 @@ impl Ingress {
             _ => (body.clone(), false),
         };
         self.delivery
-            .accept(event, &payload, claim_check, received_at_ms, claim)
+            .accept(event, &payload, claim_check, received_at_ms, claim, trace)
             .await
             .map_err(unavailable)?;
         live.accepted.count(&event.event_type);
@@ -303,13 +308,15 @@ impl Ingress {
         })
     }
 
-    /// The answer to a request, its metrics and its log line. `event` is the validated
-    /// event, once there is one: the log line borrows its fields.
+    /// The answer to a request, its metrics, its log line and the end of its `receive`
+    /// span. `event` is the validated event, once there is one: the log line borrows
+    /// its fields.
     fn respond(
         &self,
         seen: &Seen<'_>,
         event: Option<&Event<'_>>,
         result: Result<(), Refusal>,
+        trace: RequestTrace,
     ) -> Response<Full<Bytes>> {
         let response = match &result {
             Ok(()) => {
@@ -357,8 +364,10 @@ impl Ingress {
             reference = event.map_or("-", |e| &e.reference),
             latency_ms = seen.started.elapsed().as_secs_f64() * 1000.0,
             reason = result.as_ref().err().map_or("", |r| &r.reason),
+            trace_id = %trace.context().trace_id_hex(),
             "webhook"
         );
+        trace.finish(code);
         response
     }
 }
@@ -375,6 +384,7 @@ impl Handler for Ingress {
         let started = Instant::now();
         // The head stays here until the log line, which borrows method and path from it.
         let (head, body) = req.into_parts();
+        let trace = self.telemetry.receive(&head);
         let seen = Seen {
             head: &head,
             peer,
@@ -382,22 +392,29 @@ impl Handler for Ingress {
         };
         let (route, permit, body) = match self.admit(&live, &head, body, peer).await {
             Ok(admitted) => admitted,
-            Err(refusal) => return self.respond(&seen, None, Err(refusal)),
+            Err(refusal) => return self.respond(&seen, None, Err(refusal), trace),
         };
         let received_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         // Kept until the log line, which borrows its fields instead of copying them.
+        let validating = trace.step("validate");
         let event = match (route.validate)(&body, &live.policy) {
-            Ok(event) => event,
+            Ok(event) => {
+                end(validating, None);
+                event
+            }
             Err(rejection) => {
+                end(validating, Some(rejection.metric_reason()));
                 drop(permit);
-                return self.respond(&seen, None, Err(rejection.into()));
+                return self.respond(&seen, None, Err(rejection.into()), trace);
             }
         };
-        let result = self.store(&live, &event, &body, received_at_ms).await;
+        let result = self
+            .store(&live, &event, &body, received_at_ms, &trace)
+            .await;
         drop(permit);
-        self.respond(&seen, Some(&event), result)
+        self.respond(&seen, Some(&event), result, trace)
     }
 }
 

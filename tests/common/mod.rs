@@ -670,6 +670,9 @@ pub fn assert_contract_properties(d: &Delivery, name: &str) {
         at.len() == 24 && at.ends_with('Z') && at.as_bytes()[19] == b'.',
         "{name}: {at}"
     );
+    // SPEC 7: every message carries a trace (tests/trace.rs checks it in depth).
+    let tp = header(d, "traceparent").expect("traceparent");
+    assert!(tp.len() == 55 && tp.starts_with("00-"), "{name}: {tp}");
 }
 
 /// Posts every vector of `cases` to `url`, checks each answer, and checks that each

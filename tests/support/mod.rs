@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod bridge_process;
+pub mod otlp_receiver;
 pub mod rabbit_node;
 pub mod tcp_proxy;
