@@ -20,7 +20,7 @@ use crate::forwarder::Forwarder;
 use crate::http::server::{ServerLimits, TlsError, serve, tls_acceptor};
 use crate::http::token::TokenKeys;
 use crate::http::token_endpoint::TokenEndpoint;
-use crate::ingress::dedup::Dedup;
+use crate::ingress::dedup::{Dedup, Expiry};
 use crate::ingress::delivery::Delivery;
 use crate::ingress::live::{Live, LiveConfig};
 use crate::ingress::{Ingress, IngressLimits, PathLimits};
@@ -74,6 +74,8 @@ pub struct Application {
     telemetry: Telemetry,
     /// Reloads on SIGHUP, once [`Application::reload_on`] asked for it.
     reload: Option<(Reloader, tokio::signal::unix::Signal)>,
+    /// Forgets dedup ids at rest.
+    dedup_expiry: Expiry,
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -151,6 +153,7 @@ impl Application {
             Duration::from_secs(settings.events.dedup_window_s),
             settings.events.dedup_max_ids,
         );
+        let dedup_expiry = dedup.expiry();
         let http_settings = &settings.http;
         let limits = IngressLimits {
             notification: PathLimits {
@@ -214,6 +217,7 @@ impl Application {
             metrics,
             telemetry,
             reload: None,
+            dedup_expiry,
         })
     }
 
@@ -262,6 +266,8 @@ impl Application {
         let supervisor = self.supervisor;
         let public_stop = supervisor.child_token();
         let admin_stop = supervisor.child_token();
+        let stop = supervisor.child_token();
+        supervisor.spawn_critical("dedup expiry", stop.clone(), self.dedup_expiry.run(stop));
         if let Some((reloader, hangup)) = self.reload {
             let stop = supervisor.child_token();
             supervisor.spawn_critical("config reload", stop.clone(), reloader.run(hangup, stop));

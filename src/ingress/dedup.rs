@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// A time- and size-bounded set of message ids, with the ids being stored.
 pub struct Dedup {
@@ -187,7 +188,58 @@ impl State {
     }
 }
 
+/// Forgets expired ids while no request comes (requests trim as they check) and
+/// gives the table's memory back once most of it is free: without it, the ids of a
+/// burst, and the table grown for them, stayed until the next events arrived.
+pub(crate) struct Expiry {
+    shared: Arc<Shared>,
+}
+
+impl Expiry {
+    /// Runs until `stop`: a tenth of the window apart (1 to 60 s), one short lock.
+    pub(crate) async fn run(self, stop: CancellationToken) {
+        let shared = self.shared;
+        if shared.window.is_zero() {
+            return stop.cancelled().await;
+        }
+        let period = (shared.window / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    let mut state = shared.lock();
+                    state.trim(Instant::now(), shared.window, shared.max_ids);
+                    state.shrink();
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    /// Gives memory back when at most a quarter of the table is used, keeping room to
+    /// double (a smaller table is rebuilt, so this runs from [`Expiry`], not per request).
+    fn shrink(&mut self) {
+        const SMALLEST: usize = 1024;
+        if self.ids.capacity() > SMALLEST && self.ids.len() < self.ids.capacity() / 4 {
+            self.ids.shrink_to(self.ids.len() * 2);
+        }
+        if self.order.capacity() > SMALLEST && self.order.len() < self.order.capacity() / 4 {
+            self.order.shrink_to(self.order.len() * 2);
+        }
+    }
+}
+
 impl Dedup {
+    /// The task that expires ids at rest; see [`Expiry`].
+    pub(crate) fn expiry(&self) -> Expiry {
+        Expiry {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// `window` zero disables it: every copy is stored.
     pub(crate) fn new(window: Duration, max_ids: usize) -> Self {
         Dedup {
@@ -303,6 +355,34 @@ mod tests {
         }
         assert_eq!(d.shared.lock().ids.len(), 200_000);
         assert!(is_done(&d, &format!("{base}000042")));
+    }
+
+    #[tokio::test]
+    async fn expiry_forgets_ids_at_rest_and_gives_the_table_back() {
+        let d = Dedup::new(Duration::from_millis(200), 100_000);
+        for n in 0..20_000 {
+            claim(&d, &format!("id-{n}")).settle();
+        }
+        let grown = d.shared.lock().ids.capacity();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(d.expiry().run(stop.clone()));
+        // The first tick comes at once (ids still young), the next after 1 s.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        {
+            let state = d.shared.lock();
+            assert_eq!(state.ids.len(), 0);
+            assert_eq!(state.order.len(), 0);
+            assert!(
+                state.ids.capacity() < grown / 4,
+                "{} of {grown}",
+                state.ids.capacity()
+            );
+        }
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops when told")
+            .expect("no panic");
     }
 
     #[test]
