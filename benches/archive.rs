@@ -24,7 +24,7 @@ mod bridge_process;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use bridge_process::BridgeProcess;
+use bridge_process::{BridgeProcess, reset_peak, status_mib};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
 
@@ -41,31 +41,6 @@ fn archive(id: &str, reference: &str, bytes: usize) -> String {
         r#"{{"event":{{"type":"WHP_ARCHIVE","timestamp":"2025-01-27T14:02:11.105934"}},"session":[{{"id":"{id}","reference":"{reference}","transaction_number":1,"recipient":{{"id":1,"name":"client"}}}},{{"id":"{id}-2","reference":"{reference}","transaction_number":2}}],"documents":[{{"name":"signed.pdf","content_type":"application/pdf","content":"{}"}}]}}"#,
         "A".repeat(bytes.saturating_sub(400))
     )
-}
-
-/// A field of `/proc/<pid>/status` in MiB (`VmHWM`, `VmRSS`).
-fn status_mib(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| {
-            v.trim_start_matches(':')
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-/// Resets the peak RSS of `pid` to its current RSS, and returns that.
-fn reset_peak(pid: u32) -> f64 {
-    if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
-        println!("(cannot reset the peak RSS: {e}; figures include earlier peaks)");
-    }
-    status_mib(pid, "VmRSS")
 }
 
 /// Waits until the bridge's spool is empty: everything accepted was published.

@@ -395,30 +395,6 @@ async fn drain(exchange: &str, events: u64, references: u64) -> f64 {
     bridge
 }
 
-/// A field of `/proc/<pid>/status` in MiB (`VmHWM`, `VmRSS`).
-fn status_mib(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| {
-            v.trim_start_matches(':')
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-/// Resets the peak RSS of `pid` to its current RSS (`clear_refs` 5).
-fn reset_peak(pid: u32) {
-    if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
-        println!("(cannot reset the peak RSS: {e}; figures include earlier peaks)");
-    }
-}
-
 /// Part 3: the release binary as a child, so CPU and memory are the bridge's alone.
 async fn process(exchange: &str) {
     let spool = tempfile::tempdir().expect("tempdir");
@@ -445,9 +421,9 @@ async fn process(exchange: &str) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!(
         "bridge process at start: RSS {:.1} MiB (anonymous {:.1}, file {:.1})",
-        status_mib(pid, "VmRSS"),
-        status_mib(pid, "RssAnon"),
-        status_mib(pid, "RssFile")
+        bridge_process::status_mib(pid, "VmRSS"),
+        bridge_process::status_mib(pid, "RssAnon"),
+        bridge_process::status_mib(pid, "RssFile")
     );
     load(&url, 1, Some(PACED_RATE), 10).await;
     let rates: Vec<Option<f64>> = std::env::var("BENCH_RATES")
@@ -464,7 +440,7 @@ async fn process(exchange: &str) {
     for (i, rate) in rates.into_iter().enumerate() {
         // Let the previous run's spool drain and its connections settle first.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        reset_peak(pid);
+        let _ = bridge_process::reset_peak(pid);
         let cpu = bridge_process::cpu_time_of(pid);
         let (latencies, failures, elapsed) = load(&url, secs, rate, 20 + i as u64).await;
         let cpu = bridge_process::cpu_time_of(pid) - cpu;
@@ -484,7 +460,7 @@ async fn process(exchange: &str) {
             latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
             cpu.as_secs_f64() / elapsed,
             cpu.as_secs_f64() * 1e6 / latencies.len().max(1) as f64,
-            status_mib(pid, "VmHWM"),
+            bridge_process::status_mib(pid, "VmHWM"),
         );
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -492,9 +468,9 @@ async fn process(exchange: &str) {
     tokio::time::sleep(Duration::from_secs(5)).await;
     println!(
         "bridge process at rest after the load: RSS {:.1} MiB (anonymous {:.1}, file {:.1}), {:.2}% of a core",
-        status_mib(pid, "VmRSS"),
-        status_mib(pid, "RssAnon"),
-        status_mib(pid, "RssFile"),
+        bridge_process::status_mib(pid, "VmRSS"),
+        bridge_process::status_mib(pid, "RssAnon"),
+        bridge_process::status_mib(pid, "RssFile"),
         (bridge_process::cpu_time_of(pid) - cpu).as_secs_f64() / 5.0 * 100.0
     );
 }

@@ -27,40 +27,27 @@ const TYPE: &str = "WHEF_SESSION_CREATED";
 const N: u64 = 20;
 const SPOOL_EVENTS: &str = "cellosign_bridge_spool_events";
 
-/// Deletes the named queues when dropped (a failed assertion included), on a
-/// thread of its own like `TestApp`'s cleanup, bounded.
+/// Deletes the named queues when dropped (a failed assertion included), bounded.
 struct Queues(Vec<String>);
 
 impl Drop for Queues {
     fn drop(&mut self) {
         let names = std::mem::take(&mut self.0);
-        let cleaner = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+        clean_up_from_drop(async move {
+            let url = amqp_url();
+            let connect = Connection::connect(&url, ConnectionProperties::default());
+            let Ok(connection) = connect.await else {
                 return;
             };
-            runtime.block_on(async {
-                let delete = async {
-                    let url = amqp_url();
-                    let connect = Connection::connect(&url, ConnectionProperties::default());
-                    let Ok(connection) = connect.await else {
-                        return;
-                    };
-                    let Ok(channel) = connection.create_channel().await else {
-                        return;
-                    };
-                    for name in &names {
-                        let options = QueueDeleteOptions::default();
-                        let _ = channel.queue_delete(name.as_str().into(), options).await;
-                    }
-                    let _ = connection.close(200, "cleaned".into()).await;
-                };
-                let _ = tokio::time::timeout(STOP_LIMIT, delete).await;
-            });
+            let Ok(channel) = connection.create_channel().await else {
+                return;
+            };
+            for name in &names {
+                let options = QueueDeleteOptions::default();
+                let _ = channel.queue_delete(name.as_str().into(), options).await;
+            }
+            let _ = connection.close(200, "cleaned".into()).await;
         });
-        let _ = cleaner.join();
     }
 }
 

@@ -126,20 +126,26 @@ impl Drop for TestApp {
         task.abort();
         let urls = self.broker_urls();
         let exchange = self.settings.amqp.exchange.clone();
-        let cleaner = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async {
-                let _ = tokio::time::timeout(STOP_LIMIT, cleanup_on(&urls, &exchange)).await;
-            });
-        });
-        // Bounded by STOP_LIMIT inside; join so that the cleanup is done when the test ends.
-        let _ = cleaner.join();
+        clean_up_from_drop(async move { cleanup_on(&urls, &exchange).await });
     }
+}
+
+/// Runs `cleanup` to its end or for [`STOP_LIMIT`], from a `Drop` (a failed
+/// assertion included): on a thread and runtime of its own, since blocking inside
+/// the test's runtime could deadlock it, and joined, so it is done when the test ends.
+pub fn clean_up_from_drop(cleanup: impl std::future::Future<Output = ()> + Send + 'static) {
+    let cleaner = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            let _ = tokio::time::timeout(STOP_LIMIT, cleanup).await;
+        });
+    });
+    let _ = cleaner.join();
 }
 
 /// Removes what a bridge with `exchange` declared, on the first of `urls` it can

@@ -178,3 +178,29 @@ pub fn cpu_time_of(pid: u32) -> Duration {
     // The kernel reports in clock ticks; 100 per second on Linux.
     Duration::from_millis(ticks * 10)
 }
+
+/// A field of `/proc/<pid>/status` in MiB (`VmHWM`, `VmRSS`, `RssAnon`, ...); 0 if
+/// unreadable. For the benchmarks' memory figures.
+pub fn status_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Resets the peak RSS of `pid` to its current RSS (`clear_refs` 5), and returns that.
+pub fn reset_peak(pid: u32) -> f64 {
+    if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
+        println!("(cannot reset the peak RSS: {e}; figures include earlier peaks)");
+    }
+    status_mib(pid, "VmRSS")
+}
