@@ -83,11 +83,10 @@ impl TraceContext {
         }
     }
 
-    /// The trace id, 32 lowercase hex digits (for the log line).
-    pub fn trace_id_hex(&self) -> String {
-        let mut out = String::with_capacity(32);
-        push_hex(&mut out, &self.trace_id);
-        out
+    /// The trace id, 32 lowercase hex digits (for the log line), written straight
+    /// into the formatter: no string per request.
+    pub fn trace_id_hex(&self) -> impl std::fmt::Display + '_ {
+        LowerHex(&self.trace_id)
     }
 
     /// `00-<trace id>-<span id>-<flags>`, lowercase hex.
@@ -174,6 +173,15 @@ fn hex_into(hex: &[u8], out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
+/// Bytes shown as lowercase hex digits.
+struct LowerHex<'a>(&'a [u8]);
+
+impl std::fmt::Display for LowerHex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
 fn push_hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
@@ -210,6 +218,7 @@ mod tests {
             state: None,
         };
         assert_eq!(ctx.traceparent(), VALID);
+        assert_eq!(ctx.trace_id_hex().to_string(), VALID[3..35]);
     }
 
     #[test]
