@@ -18,6 +18,8 @@ mod archive;
 mod auth;
 mod secret;
 mod telemetry;
+#[cfg(test)]
+mod tests;
 
 pub use amqp::{AmqpSettings, QueueKind, QueueSettings};
 pub use archive::{ArchiveSettings, StoreLocation};
