@@ -1,4 +1,6 @@
 //! Moves spooled events to the broker and removes each only after a plain ack.
+//! Acked events are removed from the spool together, at most [`REMOVE_AFTER`] after
+//! the first of them was acked, so a removal commit serves many events.
 //!
 //! Events are read from the spool oldest first into per-routing-key lanes. Each
 //! lane has at most one unconfirmed publish: the next event of a key is
@@ -58,6 +60,15 @@ enum PassError {
     #[error("stopped")]
     Stopped,
 }
+
+/// How long delivered events may wait to be removed from the spool, so that removals
+/// of many confirms share one commit: at a webhook's ordinary rate each confirm came
+/// alone, and a removal commit (with its two thread wake-ups) per event cost more than
+/// the publish. A crash in between only brings these back as duplicates.
+const REMOVE_AFTER: Duration = Duration::from_millis(20);
+
+/// Delivered events that are removed at once, without waiting for [`REMOVE_AFTER`].
+const REMOVE_BATCH: usize = 256;
 
 /// Bytes of records the forwarder holds at once (read and not yet delivered); past
 /// it, it reads no more until some are delivered. One record is read whatever its size.
@@ -165,6 +176,8 @@ struct Lanes {
     /// Acked events not yet removed from the spool. Kept across passes: the cursor is
     /// past them, so one dropped here would stay in the spool until a restart.
     delivered: Vec<u64>,
+    /// When the oldest of `delivered` is to be removed at the latest.
+    remove_by: Option<Instant>,
 }
 
 impl Lanes {
@@ -179,7 +192,35 @@ impl Lanes {
             held_bytes: 0,
             cursor: None,
             delivered: Vec::new(),
+            remove_by: None,
         }
+    }
+
+    /// Marks `seq` as delivered at `now`: it is removed from the spool with the next batch.
+    fn deliver(&mut self, seq: u64, now: Instant) {
+        self.remove_by.get_or_insert(now + REMOVE_AFTER);
+        self.delivered.push(seq);
+    }
+
+    /// Whether the delivered events are to be removed now: the batch is full, or its
+    /// time has come, or the forwarder cannot read more until they are gone.
+    fn removal_due(&self, window: usize, now: Instant) -> bool {
+        !self.delivered.is_empty()
+            && (self.delivered.len() >= REMOVE_BATCH
+                || !self.has_room(window)
+                || self.remove_by.is_some_and(|at| at <= now))
+    }
+
+    /// Removes the delivered events from the spool; they are counted out of `held`
+    /// once gone. On an error they are dropped here: the spool was reopened, and the
+    /// next pass reads it again from the oldest event (they come back as duplicates).
+    async fn remove_delivered(&mut self, spool: &Spool) -> Result<(), SpoolError> {
+        let seqs = std::mem::take(&mut self.delivered);
+        self.remove_by = None;
+        let removed = seqs.len();
+        spool.remove(seqs).await?;
+        self.held = self.held.saturating_sub(removed);
+        Ok(())
     }
 
     /// Adds an event read from the spool behind the others of its key.
@@ -285,7 +326,14 @@ async fn run(
         });
         lanes.channel_lost();
         let delay = match &result {
-            PassError::Stopped => return,
+            PassError::Stopped => {
+                // Events the broker has are not left to be published again at the next
+                // start; a failure here only means that they will be.
+                if let Err(e) = lanes.remove_delivered(&spool).await {
+                    warn!(error = %e, "cannot remove delivered events at stop; they will be published again");
+                }
+                return;
+            }
             PassError::Nacked => Duration::ZERO,
             PassError::Reopened => {
                 lanes = Lanes::new();
@@ -366,7 +414,7 @@ impl Pass<'_> {
                             error!(seq, error = %e, "dropping an undecodable spool record");
                             self.lanes.cursor = Some(seq);
                             self.lanes.held += 1;
-                            self.lanes.delivered.push(seq);
+                            self.lanes.deliver(seq, Instant::now());
                         }
                     }
                 }
@@ -409,20 +457,15 @@ impl Pass<'_> {
                 self.lanes.sent.push(now, *seq);
                 self.lanes.in_flight.insert(*seq, (key, now, span));
             }
-            if !self.lanes.delivered.is_empty() {
+            if self.lanes.removal_due(self.target.window, Instant::now()) {
                 if crate::fault::once("forwarder.channel_lost_before_remove") {
                     // As a connection lost between an ack and its removal.
                     warn!("fault injected: forwarder.channel_lost_before_remove");
                     return PassError::Timeout(Duration::ZERO);
                 }
-                let seqs = std::mem::take(&mut self.lanes.delivered);
-                let removed = seqs.len();
-                if let Err(e) = self.spool.remove(seqs).await {
-                    // A failed write reopens the spool, and the next pass reads it
-                    // again from the oldest event: these come back as duplicates.
+                if let Err(e) = self.lanes.remove_delivered(self.spool).await {
                     return e.into();
                 }
-                self.lanes.held = self.lanes.held.saturating_sub(removed);
                 continue;
             }
             if nacked && confirms.is_empty() {
@@ -454,6 +497,8 @@ impl Pass<'_> {
                 () = sleep_until(stalled_at), if stalled_at.is_some() => {
                     return PassError::Timeout(self.target.publish_timeout);
                 }
+                // Wakes the loop to remove the delivered events, checked at its top.
+                () = sleep_until(self.lanes.remove_by), if self.lanes.remove_by.is_some() => {}
             }
         }
     }
@@ -496,7 +541,7 @@ impl Pass<'_> {
                         self.lanes.held_bytes = self.lanes.held_bytes.saturating_sub(len);
                     }
                     lane.refusals = 0;
-                    self.lanes.delivered.push(seq);
+                    self.lanes.deliver(seq, Instant::now());
                     if lane.events.is_empty() {
                         self.lanes.lanes.remove(&key);
                     } else {
@@ -534,5 +579,67 @@ impl Pass<'_> {
             }
         }
         nacked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The window of the shipped config (`amqp.max_unconfirmed`).
+    const WINDOW: usize = 1024;
+
+    #[test]
+    fn delivered_events_wait_to_be_removed_together() {
+        let t0 = Instant::now();
+        let mut lanes = Lanes::new();
+        lanes.held = 2;
+        lanes.deliver(1, t0);
+        assert!(!lanes.removal_due(WINDOW, t0), "one event removed alone");
+        let half = t0 + REMOVE_AFTER / 2;
+        lanes.deliver(2, half);
+        assert!(!lanes.removal_due(WINDOW, half));
+        let due = t0 + REMOVE_AFTER;
+        assert!(
+            !lanes.removal_due(WINDOW, due - Duration::from_millis(1)),
+            "removed early"
+        );
+        assert!(
+            lanes.removal_due(WINDOW, due),
+            "the oldest kept past REMOVE_AFTER: a later one postponed it"
+        );
+    }
+
+    #[test]
+    fn a_full_batch_or_a_full_window_is_removed_at_once() {
+        let t0 = Instant::now();
+        let mut lanes = Lanes::new();
+        for seq in 1..REMOVE_BATCH as u64 {
+            lanes.held += 1;
+            lanes.deliver(seq, t0);
+        }
+        assert!(!lanes.removal_due(WINDOW, t0));
+        lanes.held += 1;
+        lanes.deliver(REMOVE_BATCH as u64, t0);
+        assert!(lanes.removal_due(WINDOW, t0), "a full batch waited");
+
+        let mut lanes = Lanes::new();
+        lanes.held = 8;
+        lanes.deliver(1, t0);
+        assert!(!lanes.removal_due(9, t0));
+        assert!(
+            lanes.removal_due(8, t0),
+            "nothing more can be read until they are gone"
+        );
+    }
+
+    #[test]
+    fn nothing_delivered_is_never_due() {
+        let lanes = Lanes {
+            held: WINDOW,
+            remove_by: Some(Instant::now()),
+            ..Lanes::new()
+        };
+        assert!(!lanes.removal_due(WINDOW, Instant::now() + REMOVE_AFTER));
     }
 }
