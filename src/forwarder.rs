@@ -175,9 +175,29 @@ struct Lanes {
     cursor: Option<u64>,
     /// Acked events not yet removed from the spool. Kept across passes: the cursor is
     /// past them, so one dropped here would stay in the spool until a restart.
-    delivered: Vec<u64>,
-    /// When the oldest of `delivered` is to be removed at the latest.
+    delivered: Delivered,
+}
+
+/// Acked events waiting to be removed from the spool together.
+#[derive(Default)]
+struct Delivered {
+    seqs: Vec<u64>,
+    /// When the oldest of them is to be removed at the latest.
     remove_by: Option<Instant>,
+}
+
+impl Delivered {
+    /// Adds `seq`, acked at `now`: it is removed with the next batch.
+    fn push(&mut self, seq: u64, now: Instant) {
+        self.remove_by.get_or_insert(now + REMOVE_AFTER);
+        self.seqs.push(seq);
+    }
+
+    /// Takes them all, for one removal.
+    fn take(&mut self) -> Vec<u64> {
+        self.remove_by = None;
+        std::mem::take(&mut self.seqs)
+    }
 }
 
 impl Lanes {
@@ -191,32 +211,25 @@ impl Lanes {
             held: 0,
             held_bytes: 0,
             cursor: None,
-            delivered: Vec::new(),
-            remove_by: None,
+            delivered: Delivered::default(),
         }
-    }
-
-    /// Marks `seq` as delivered at `now`: it is removed from the spool with the next batch.
-    fn deliver(&mut self, seq: u64, now: Instant) {
-        self.remove_by.get_or_insert(now + REMOVE_AFTER);
-        self.delivered.push(seq);
     }
 
     /// Whether the delivered events are to be removed now: the batch is full, or its
     /// time has come, or the forwarder cannot read more until they are gone.
     fn removal_due(&self, window: usize, now: Instant) -> bool {
-        !self.delivered.is_empty()
-            && (self.delivered.len() >= REMOVE_BATCH
+        let delivered = &self.delivered;
+        !delivered.seqs.is_empty()
+            && (delivered.seqs.len() >= REMOVE_BATCH
                 || !self.has_room(window)
-                || self.remove_by.is_some_and(|at| at <= now))
+                || delivered.remove_by.is_some_and(|at| at <= now))
     }
 
     /// Removes the delivered events from the spool; they are counted out of `held`
     /// once gone. On an error they are dropped here: the spool was reopened, and the
     /// next pass reads it again from the oldest event (they come back as duplicates).
     async fn remove_delivered(&mut self, spool: &Spool) -> Result<(), SpoolError> {
-        let seqs = std::mem::take(&mut self.delivered);
-        self.remove_by = None;
+        let seqs = self.delivered.take();
         let removed = seqs.len();
         spool.remove(seqs).await?;
         self.held = self.held.saturating_sub(removed);
@@ -414,7 +427,7 @@ impl Pass<'_> {
                             error!(seq, error = %e, "dropping an undecodable spool record");
                             self.lanes.cursor = Some(seq);
                             self.lanes.held += 1;
-                            self.lanes.deliver(seq, Instant::now());
+                            self.lanes.delivered.push(seq, Instant::now());
                         }
                     }
                 }
@@ -498,7 +511,7 @@ impl Pass<'_> {
                     return PassError::Timeout(self.target.publish_timeout);
                 }
                 // Wakes the loop to remove the delivered events, checked at its top.
-                () = sleep_until(self.lanes.remove_by), if self.lanes.remove_by.is_some() => {}
+                () = sleep_until(self.lanes.delivered.remove_by), if self.lanes.delivered.remove_by.is_some() => {}
             }
         }
     }
@@ -541,7 +554,7 @@ impl Pass<'_> {
                         self.lanes.held_bytes = self.lanes.held_bytes.saturating_sub(len);
                     }
                     lane.refusals = 0;
-                    self.lanes.deliver(seq, Instant::now());
+                    self.lanes.delivered.push(seq, Instant::now());
                     if lane.events.is_empty() {
                         self.lanes.lanes.remove(&key);
                     } else {
@@ -594,10 +607,10 @@ mod tests {
         let t0 = Instant::now();
         let mut lanes = Lanes::new();
         lanes.held = 2;
-        lanes.deliver(1, t0);
+        lanes.delivered.push(1, t0);
         assert!(!lanes.removal_due(WINDOW, t0), "one event removed alone");
         let half = t0 + REMOVE_AFTER / 2;
-        lanes.deliver(2, half);
+        lanes.delivered.push(2, half);
         assert!(!lanes.removal_due(WINDOW, half));
         let due = t0 + REMOVE_AFTER;
         assert!(
@@ -616,16 +629,16 @@ mod tests {
         let mut lanes = Lanes::new();
         for seq in 1..REMOVE_BATCH as u64 {
             lanes.held += 1;
-            lanes.deliver(seq, t0);
+            lanes.delivered.push(seq, t0);
         }
         assert!(!lanes.removal_due(WINDOW, t0));
         lanes.held += 1;
-        lanes.deliver(REMOVE_BATCH as u64, t0);
+        lanes.delivered.push(REMOVE_BATCH as u64, t0);
         assert!(lanes.removal_due(WINDOW, t0), "a full batch waited");
 
         let mut lanes = Lanes::new();
         lanes.held = 8;
-        lanes.deliver(1, t0);
+        lanes.delivered.push(1, t0);
         assert!(!lanes.removal_due(9, t0));
         assert!(
             lanes.removal_due(8, t0),
@@ -635,11 +648,9 @@ mod tests {
 
     #[test]
     fn nothing_delivered_is_never_due() {
-        let lanes = Lanes {
-            held: WINDOW,
-            remove_by: Some(Instant::now()),
-            ..Lanes::new()
-        };
+        let mut lanes = Lanes::new();
+        lanes.held = WINDOW;
+        lanes.delivered.remove_by = Some(Instant::now());
         assert!(!lanes.removal_due(WINDOW, Instant::now() + REMOVE_AFTER));
     }
 }
