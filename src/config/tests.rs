@@ -63,3 +63,75 @@ fn a_body_limit_may_reach_one_gib_less_a_page_and_no_further() {
     let over = verdict_with(|s| s.http.archive_max_body_bytes = MAX_BODY_LIMIT + 1);
     assert!(over.starts_with("http.archive_max_body_bytes: "), "{over}");
 }
+
+#[test]
+fn tls_files_must_exist() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, "cert").expect("write");
+    std::fs::write(&key, "key").expect("write");
+    let tls = |cert: &std::path::Path, key: &std::path::Path| {
+        let tls = TlsSettings {
+            cert_file: cert.to_path_buf(),
+            key_file: key.to_path_buf(),
+        };
+        verdict_with(|s| s.http.tls = Some(tls))
+    };
+    assert_eq!(tls(&cert, &key), "accepted");
+    let missing = dir.path().join("missing.pem");
+    assert!(tls(&missing, &key).starts_with("http.tls.cert_file: "));
+    assert!(tls(&cert, &missing).starts_with("http.tls.key_file: "));
+}
+
+#[test]
+fn the_spool_cache_may_be_as_small_as_one_mib() {
+    assert_eq!(
+        verdict_with(|s| s.spool.cache_bytes = MIN_SPOOL_CACHE),
+        "accepted"
+    );
+    let small = verdict_with(|s| s.spool.cache_bytes = MIN_SPOOL_CACHE - 1);
+    assert!(small.starts_with("spool.cache_bytes: "), "{small}");
+}
+
+#[test]
+fn only_spooled_mode_needs_a_spool_directory() {
+    let no_dir = |ack| {
+        verdict_with(|s| {
+            s.delivery.ack = ack;
+            s.spool.dir = PathBuf::new();
+        })
+    };
+    assert_eq!(no_dir(AckMode::Confirmed), "accepted");
+    assert!(no_dir(AckMode::Spooled).starts_with("spool.dir: "));
+}
+
+#[test]
+fn an_event_type_is_one_to_64_printable_characters() {
+    let accept = |t: &str| verdict_with(|s| s.events.accept = vec![t.to_string()]);
+    assert_eq!(accept(&"A".repeat(MAX_EVENT_TYPE_LEN)), "accepted");
+    assert_eq!(accept("A"), "accepted");
+    for refused in [
+        String::new(),
+        "A".repeat(MAX_EVENT_TYPE_LEN + 1),
+        "WHEF SESSION".to_string(),
+        "WHEF_\u{e9}".to_string(),
+    ] {
+        assert!(
+            accept(&refused).starts_with("events.accept: "),
+            "{refused:?} accepted"
+        );
+    }
+}
+
+#[test]
+fn dedup_needs_room_for_ids_only_while_it_is_on() {
+    let dedup = |window, ids| {
+        verdict_with(|s| {
+            s.events.dedup_window_s = window;
+            s.events.dedup_max_ids = ids;
+        })
+    };
+    assert_eq!(dedup(0, 0), "accepted", "dedup off needs no ids");
+    assert_eq!(dedup(1, 1), "accepted");
+    assert!(dedup(1, 0).starts_with("events.dedup_max_ids: "));
+}
