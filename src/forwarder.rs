@@ -70,6 +70,13 @@ const REMOVE_AFTER: Duration = Duration::from_millis(20);
 /// Delivered events that are removed at once, without waiting for [`REMOVE_AFTER`].
 const REMOVE_BATCH: usize = 256;
 
+/// While the whole spool holds no more than this, the forwarder reads it on its own
+/// thread: what it reads was just committed and sits in memory (the spool's page cache
+/// is 4 MiB by default), and a hop to the blocking pool and back per read cost more than
+/// the read. A larger spool (a backlog, large archives) is read on the blocking pool, so
+/// that a read from disk never holds up an executor thread.
+const INLINE_READ_BYTES: u64 = 4 << 20;
+
 /// Bytes of records the forwarder holds at once (read and not yet delivered); past
 /// it, it reads no more until some are delivered. One record is read whatever its size.
 const READ_BUDGET_BYTES: usize = 64 << 20;
@@ -406,10 +413,13 @@ impl Pass<'_> {
                 let last = self.spool.stats().last_seq.unwrap_or(0);
                 let room = self.target.window - self.lanes.held;
                 let room_bytes = READ_BUDGET_BYTES - self.lanes.held_bytes;
-                let read = self
-                    .spool
-                    .read_after_within(self.lanes.cursor, room, room_bytes);
-                let read = match read.await {
+                let cursor = self.lanes.cursor;
+                let read = if self.spool.stats().bytes <= INLINE_READ_BYTES {
+                    self.spool.read_after_within_now(cursor, room, room_bytes)
+                } else {
+                    self.spool.read_after_within(cursor, room, room_bytes).await
+                };
+                let read = match read {
                     Ok(read) => read,
                     Err(e) => return e.into(),
                 };
