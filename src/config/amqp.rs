@@ -430,4 +430,107 @@ mod tests {
         let plain = toml::to_string(&AmqpSettings::default().queues[0]).expect("serializes");
         assert!(!plain.contains("max_"), "{plain}");
     }
+
+    #[test]
+    fn max_age_names_what_is_wrong() {
+        for (age, says) in [
+            ("D", "a whole number followed by one unit"),
+            ("7", "a whole number followed by one unit"),
+            ("0D", "must be more than 0"),
+            ("99999999999999999999D", "too long"),
+            ("999999999999999Y", "too long"),
+        ] {
+            let err = max_age_seconds(age).expect_err(age);
+            assert!(err.contains(says), "{age:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn queue_types_are_rabbitmqs_names() {
+        assert_eq!(QueueKind::Quorum.as_str(), "quorum");
+        assert_eq!(QueueKind::Classic.as_str(), "classic");
+        assert_eq!(QueueKind::Stream.as_str(), "stream");
+    }
+
+    /// The refusal of the default settings changed by `change`, or "accepted".
+    fn verdict_with(change: impl FnOnce(&mut AmqpSettings)) -> String {
+        let mut settings = AmqpSettings::default();
+        change(&mut settings);
+        refusal(&settings)
+    }
+
+    #[test]
+    fn limits_stop_exactly_where_they_say() {
+        let accepted: [(&str, Box<dyn FnOnce(&mut AmqpSettings)>); 6] = [
+            (
+                "exchange of 200",
+                Box::new(|a| a.exchange = "x".repeat(200)),
+            ),
+            (
+                "largest message",
+                Box::new(|a| a.max_message_bytes = MAX_MESSAGE_LIMIT),
+            ),
+            (
+                "equal reconnect delays",
+                Box::new(|a| {
+                    a.reconnect_initial_ms = 700;
+                    a.reconnect_max_ms = 700;
+                }),
+            ),
+            (
+                "queue name of 255",
+                Box::new(|a| a.queues[0].name = "q".repeat(255)),
+            ),
+            (
+                "binding of 255",
+                Box::new(|a| a.queues[0].bindings = vec!["b".repeat(255)]),
+            ),
+            ("one queue", Box::new(|a| a.queues.truncate(1))),
+        ];
+        for (what, change) in accepted {
+            assert_eq!(verdict_with(change), "accepted", "{what}");
+        }
+        let refused: [(&str, Box<dyn FnOnce(&mut AmqpSettings)>); 9] = [
+            ("amqp.exchange", Box::new(|a| a.exchange = "x".repeat(201))),
+            ("amqp.exchange", Box::new(|a| a.exchange = String::new())),
+            (
+                "amqp.max_message_bytes",
+                Box::new(|a| a.max_message_bytes = MAX_MESSAGE_LIMIT + 1),
+            ),
+            (
+                "amqp.max_message_bytes",
+                Box::new(|a| a.max_message_bytes = 0),
+            ),
+            (
+                "amqp.reconnect_max_ms",
+                Box::new(|a| {
+                    a.reconnect_initial_ms = 700;
+                    a.reconnect_max_ms = 699;
+                }),
+            ),
+            (
+                "amqp.reconnect_max_ms",
+                Box::new(|a| {
+                    a.reconnect_initial_ms = 0;
+                    a.reconnect_max_ms = 699;
+                }),
+            ),
+            (
+                "amqp.queues",
+                Box::new(|a| a.queues[0].name = "q".repeat(256)),
+            ),
+            (
+                "amqp.queues",
+                Box::new(|a| a.queues[0].name = String::new()),
+            ),
+            (
+                "amqp.queues",
+                Box::new(|a| a.queues[0].bindings = vec!["b".repeat(256)]),
+            ),
+        ];
+        for (key, change) in refused {
+            let err = verdict_with(change);
+            assert!(err.starts_with(&format!("{key}: ")), "{key}: {err}");
+        }
+    }
 }

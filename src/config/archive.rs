@@ -186,4 +186,69 @@ mod tests {
             assert!(StoreLocation::parse(bad).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn credentials_of_either_kind_are_refused() {
+        for bad in ["s3://key@bucket/p", "s3://:secret@bucket/p"] {
+            let err = StoreLocation::parse(bad).expect_err(bad);
+            assert!(err.contains("credentials"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_file_url_names_a_local_path() {
+        let err = StoreLocation::parse("file://host/var/lib").expect_err("a host");
+        assert!(err.contains("absolute local path"), "{err}");
+        assert_eq!(
+            StoreLocation::parse("file://localhost/var/lib/claims"),
+            Ok(StoreLocation::File("/var/lib/claims".into()))
+        );
+    }
+
+    #[test]
+    fn dot_segments_never_reach_the_prefix() {
+        // The URL parser resolves them (also percent-encoded), so the prefix check's
+        // "." and ".." cases are a second line only (docs/mutants.md).
+        for (url, prefix) in [
+            ("s3://bucket/a/../b", "b"),
+            ("s3://bucket/a/./b", "a/b"),
+            ("s3://bucket/a/%2e%2e/b", "b"),
+        ] {
+            assert_eq!(
+                StoreLocation::parse(url),
+                Ok(StoreLocation::S3 {
+                    bucket: "bucket".into(),
+                    prefix: prefix.into()
+                }),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_s3_endpoint_is_an_http_url_with_a_host_and_no_password() {
+        let endpoint = |e: &str| {
+            ArchiveSettings {
+                s3_endpoint: Some(e.into()),
+                ..ArchiveSettings::default()
+            }
+            .check()
+            .map(|()| "accepted".to_string())
+            .unwrap_or_else(|e| e.to_string())
+        };
+        for good in ["https://s3.example.com", "http://127.0.0.1:9000"] {
+            assert_eq!(endpoint(good), "accepted", "{good}");
+        }
+        for bad in [
+            "ftp://s3.example.com",
+            "https://user:secret@s3.example.com",
+            "s3.example.com",
+        ] {
+            assert!(
+                endpoint(bad).starts_with("archive.s3_endpoint: "),
+                "{bad}: {}",
+                endpoint(bad)
+            );
+        }
+    }
 }
