@@ -135,3 +135,71 @@ fn dedup_needs_room_for_ids_only_while_it_is_on() {
     assert_eq!(dedup(1, 1), "accepted");
     assert!(dedup(1, 0).starts_with("events.dedup_max_ids: "));
 }
+
+#[test]
+fn a_client_is_a_user_or_a_client_id_never_both() {
+    let client = |user: Option<&str>, id: Option<&str>| ClientSettings {
+        username: user.map(String::from),
+        client_id: id.map(String::from),
+        ..ClientSettings::default()
+    };
+    assert_eq!(
+        client(Some("u"), None).identity(),
+        Some((ClientKind::User, "u"))
+    );
+    assert_eq!(
+        client(None, Some("c")).identity(),
+        Some((ClientKind::Client, "c"))
+    );
+    assert_eq!(client(Some("u"), Some("c")).identity(), None);
+    assert_eq!(client(None, None).identity(), None);
+}
+
+#[test]
+fn each_client_kind_reads_its_own_secret_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "s3cret\n").expect("write");
+    let load = |client: ClientSettings| {
+        let mut auth = AuthSettings {
+            clients: vec![client],
+            ..AuthSettings::default()
+        };
+        auth.load_files()
+            .map(|()| {
+                auth.clients[0]
+                    .secret
+                    .as_ref()
+                    .map(|s| s.expose().to_string())
+            })
+            .map_err(|e| e.to_string())
+    };
+    let user = ClientSettings {
+        username: Some("u".into()),
+        password_file: Some(file.clone()),
+        ..ClientSettings::default()
+    };
+    let id = ClientSettings {
+        client_id: Some("c".into()),
+        client_secret_file: Some(file.clone()),
+        ..ClientSettings::default()
+    };
+    assert_eq!(load(user), Ok(Some("s3cret".to_string())));
+    assert_eq!(load(id), Ok(Some("s3cret".to_string())));
+    let no_password = ClientSettings {
+        username: Some("u".into()),
+        ..ClientSettings::default()
+    };
+    let no_secret = ClientSettings {
+        client_id: Some("c".into()),
+        ..ClientSettings::default()
+    };
+    assert_eq!(
+        load(no_password),
+        Err("auth.clients[0].password_file: missing".to_string())
+    );
+    assert_eq!(
+        load(no_secret),
+        Err("auth.clients[0].client_secret_file: missing".to_string())
+    );
+}
