@@ -203,3 +203,29 @@ fn each_client_kind_reads_its_own_secret_file() {
         Err("auth.clients[0].client_secret_file: missing".to_string())
     );
 }
+
+#[test]
+fn a_client_name_is_1_to_128_bytes_without_control_characters() {
+    let named = |name: &str| {
+        let mut auth = AuthSettings {
+            clients: vec![ClientSettings {
+                client_id: Some(name.to_string()),
+                ..ClientSettings::default()
+            }],
+            ..AuthSettings::default()
+        };
+        auth.token_keys = vec![Secret::from("k".repeat(32))];
+        auth.check("/webhooks/cellosign")
+            .map(|()| "accepted".to_string())
+            .unwrap_or_else(|e| e.to_string())
+    };
+    assert_eq!(named(&"c".repeat(128)), "accepted");
+    assert_eq!(named("c"), "accepted");
+    for bad in [String::new(), "c".repeat(129), "c\u{7}".to_string()] {
+        assert!(
+            named(&bad).starts_with("auth.clients[0].client_id: "),
+            "{bad:?}: {}",
+            named(&bad)
+        );
+    }
+}
