@@ -147,4 +147,15 @@ mod tests {
         let url = BrokerUrl::from("amqp://rabbit-1:5672");
         assert_eq!(url.shown(), "amqp://rabbit-1:5672");
     }
+
+    #[test]
+    fn a_secret_shows_as_redacted() {
+        let secret = Secret::from("tok-3n");
+        assert_eq!(format!("{secret:?}"), "<redacted>");
+        assert_eq!(
+            serde_json::to_string(&secret).unwrap_or_default(),
+            "\"<redacted>\""
+        );
+        assert_eq!(secret.expose(), "tok-3n");
+    }
 }
