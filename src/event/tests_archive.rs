@@ -198,6 +198,28 @@ fn the_template_renders_against_the_first_session() {
     assert_eq!(e.routing_key, "p-1");
 }
 
+#[test]
+fn only_the_first_session_and_only_what_the_template_names_is_read() {
+    let policy = |t: &str| Policy::new(Vec::new(), t.parse().unwrap());
+    // The second session's process id is not the routing key's.
+    let both = edited(|v| {
+        v["session"][0]["process_id"] = "p-1".into();
+        v["session"][1]["process_id"] = "p-2".into();
+    });
+    let e = validate_archive(&both, &policy("{session.process_id}")).unwrap();
+    assert_eq!(e.routing_key, "p-1");
+    // Keys the template does not name are passed through unread, whatever they hold.
+    let odd = edited(|v| {
+        v["session"][0]["process_id"] = 5.into();
+        v["session"][0]["recipient"] = json!({"name": 7});
+    });
+    assert!(validate_archive(&odd, &Policy::default()).is_ok());
+    // A later session's recipient is not read even when the template names it.
+    let later = edited(|v| v["session"][1]["recipient"] = json!({"name": 7}));
+    let e = validate_archive(&later, &policy("{session.recipient.name}")).unwrap();
+    assert_eq!(e.routing_key, "client");
+}
+
 /// Checks an accepted archive against a plain `Value` reading of its bytes.
 fn agrees_with_a_plain_reading(body: &[u8], e: &super::Event<'_>) {
     let v: Value = serde_json::from_slice(body).expect("accepted, so JSON");
