@@ -208,6 +208,14 @@ fn only_the_first_session_and_only_what_the_template_names_is_read() {
     });
     let e = validate_archive(&both, &policy("{session.process_id}")).unwrap();
     assert_eq!(e.routing_key, "p-1");
+    // null is allowed, and is as good as absent for the template.
+    let null = edited(|v| v["session"][0]["process_id"] = Value::Null);
+    assert_eq!(
+        refused(&null, &policy("{session.process_id}")).1,
+        "session[0].process_id: missing, needed by amqp.routing_key"
+    );
+    let number = edited(|v| v["session"][0]["process_id"] = 5.into());
+    assert_eq!(refused(&number, &policy("{session.process_id}")).0, 422);
     // Keys the template does not name are passed through unread, whatever they hold.
     let odd = edited(|v| {
         v["session"][0]["process_id"] = 5.into();
