@@ -279,3 +279,16 @@ fn labels_values_must_be_scalars() {
         assert!(!r.to_string().contains("SECRET"));
     }
 }
+
+#[test]
+fn the_message_id_may_be_255_bytes_and_no_more() {
+    // "5Wkt78ciJc:WHEF_SESSION_CREATED:" is 32 bytes, the timestamp's fixed part 20.
+    let stamp = |digits: usize| json!(format!("2025-01-26T08:49:33.{}", "1".repeat(digits)));
+    let at_limit = set("/event/timestamp", stamp(255 - 32 - 20));
+    assert_eq!(ok(&at_limit).message_id.len(), 255);
+    invalid(
+        &set("/event/timestamp", stamp(255 - 32 - 20 + 1)),
+        "event.timestamp: too long: the message id {session.id}:{event.type}:{event.timestamp} would exceed 255 bytes",
+        "too_long",
+    );
+}
