@@ -118,6 +118,16 @@ fn template_parse_errors() {
         Err(TemplateError::UnbalancedBrace(0))
     );
     assert_eq!(parse(&"x".repeat(256)), Err(TemplateError::LiteralTooLong));
+    // The literal text is counted across placeholders, and 255 bytes of it fit.
+    let split = |before: usize, after: usize| {
+        parse(&format!(
+            "{}{{session.id}}{}",
+            "x".repeat(before),
+            "y".repeat(after)
+        ))
+    };
+    assert_eq!(split(200, 56), Err(TemplateError::LiteralTooLong));
+    assert!(split(200, 55).is_ok());
     let e = parse("{bogus}").unwrap_err().to_string();
     assert!(e.contains("unknown placeholder {bogus}"), "{e}");
     assert!(e.contains("{session.recipient.name}"), "{e}");
