@@ -1,6 +1,4 @@
 //! Moves spooled events to the broker and removes each only after a plain ack.
-//! Acked events are removed from the spool together, at most [`REMOVE_AFTER`] after
-//! the first of them was acked, so a removal commit serves many events.
 //!
 //! Events are read from the spool oldest first into per-routing-key lanes. Each
 //! lane has at most one unconfirmed publish: the next event of a key is
@@ -60,22 +58,6 @@ enum PassError {
     #[error("stopped")]
     Stopped,
 }
-
-/// How long delivered events may wait to be removed from the spool, so that removals
-/// of many confirms share one commit: at a webhook's ordinary rate each confirm came
-/// alone, and a removal commit (with its two thread wake-ups) per event cost more than
-/// the publish. A crash in between only brings these back as duplicates.
-const REMOVE_AFTER: Duration = Duration::from_millis(20);
-
-/// Delivered events that are removed at once, without waiting for [`REMOVE_AFTER`].
-const REMOVE_BATCH: usize = 256;
-
-/// While the whole spool holds no more than this, the forwarder reads it on its own
-/// thread: what it reads was just committed and sits in memory (the spool's page cache
-/// is 4 MiB by default), and a hop to the blocking pool and back per read cost more than
-/// the read. A larger spool (a backlog, large archives) is read on the blocking pool, so
-/// that a read from disk never holds up an executor thread.
-const INLINE_READ_BYTES: u64 = 4 << 20;
 
 /// Bytes of records the forwarder holds at once (read and not yet delivered); past
 /// it, it reads no more until some are delivered. One record is read whatever its size.
@@ -182,29 +164,7 @@ struct Lanes {
     cursor: Option<u64>,
     /// Acked events not yet removed from the spool. Kept across passes: the cursor is
     /// past them, so one dropped here would stay in the spool until a restart.
-    delivered: Delivered,
-}
-
-/// Acked events waiting to be removed from the spool together.
-#[derive(Default)]
-struct Delivered {
-    seqs: Vec<u64>,
-    /// When the oldest of them is to be removed at the latest.
-    remove_by: Option<Instant>,
-}
-
-impl Delivered {
-    /// Adds `seq`, acked at `now`: it is removed with the next batch.
-    fn push(&mut self, seq: u64, now: Instant) {
-        self.remove_by.get_or_insert(now + REMOVE_AFTER);
-        self.seqs.push(seq);
-    }
-
-    /// Takes them all, for one removal.
-    fn take(&mut self) -> Vec<u64> {
-        self.remove_by = None;
-        std::mem::take(&mut self.seqs)
-    }
+    delivered: Vec<u64>,
 }
 
 impl Lanes {
@@ -218,29 +178,8 @@ impl Lanes {
             held: 0,
             held_bytes: 0,
             cursor: None,
-            delivered: Delivered::default(),
+            delivered: Vec::new(),
         }
-    }
-
-    /// Whether the delivered events are to be removed now: the batch is full, or its
-    /// time has come, or the forwarder cannot read more until they are gone.
-    fn removal_due(&self, window: usize, now: Instant) -> bool {
-        let delivered = &self.delivered;
-        !delivered.seqs.is_empty()
-            && (delivered.seqs.len() >= REMOVE_BATCH
-                || !self.has_room(window)
-                || delivered.remove_by.is_some_and(|at| at <= now))
-    }
-
-    /// Removes the delivered events from the spool; they are counted out of `held`
-    /// once gone. On an error they are dropped here: the spool was reopened, and the
-    /// next pass reads it again from the oldest event (they come back as duplicates).
-    async fn remove_delivered(&mut self, spool: &Spool) -> Result<(), SpoolError> {
-        let seqs = self.delivered.take();
-        let removed = seqs.len();
-        spool.remove(seqs).await?;
-        self.held = self.held.saturating_sub(removed);
-        Ok(())
     }
 
     /// Adds an event read from the spool behind the others of its key.
@@ -346,14 +285,7 @@ async fn run(
         });
         lanes.channel_lost();
         let delay = match &result {
-            PassError::Stopped => {
-                // Events the broker has are not left to be published again at the next
-                // start; a failure here only means that they will be.
-                if let Err(e) = lanes.remove_delivered(&spool).await {
-                    warn!(error = %e, "cannot remove delivered events at stop; they will be published again");
-                }
-                return;
-            }
+            PassError::Stopped => return,
             PassError::Nacked => Duration::ZERO,
             PassError::Reopened => {
                 lanes = Lanes::new();
@@ -413,13 +345,10 @@ impl Pass<'_> {
                 let last = self.spool.stats().last_seq.unwrap_or(0);
                 let room = self.target.window - self.lanes.held;
                 let room_bytes = READ_BUDGET_BYTES - self.lanes.held_bytes;
-                let cursor = self.lanes.cursor;
-                let read = if self.spool.stats().bytes <= INLINE_READ_BYTES {
-                    self.spool.read_after_within_now(cursor, room, room_bytes)
-                } else {
-                    self.spool.read_after_within(cursor, room, room_bytes).await
-                };
-                let read = match read {
+                let read = self
+                    .spool
+                    .read_after_within(self.lanes.cursor, room, room_bytes);
+                let read = match read.await {
                     Ok(read) => read,
                     Err(e) => return e.into(),
                 };
@@ -437,7 +366,7 @@ impl Pass<'_> {
                             error!(seq, error = %e, "dropping an undecodable spool record");
                             self.lanes.cursor = Some(seq);
                             self.lanes.held += 1;
-                            self.lanes.delivered.push(seq, Instant::now());
+                            self.lanes.delivered.push(seq);
                         }
                     }
                 }
@@ -480,15 +409,20 @@ impl Pass<'_> {
                 self.lanes.sent.push(now, *seq);
                 self.lanes.in_flight.insert(*seq, (key, now, span));
             }
-            if self.lanes.removal_due(self.target.window, Instant::now()) {
+            if !self.lanes.delivered.is_empty() {
                 if crate::fault::once("forwarder.channel_lost_before_remove") {
                     // As a connection lost between an ack and its removal.
                     warn!("fault injected: forwarder.channel_lost_before_remove");
                     return PassError::Timeout(Duration::ZERO);
                 }
-                if let Err(e) = self.lanes.remove_delivered(self.spool).await {
+                let seqs = std::mem::take(&mut self.lanes.delivered);
+                let removed = seqs.len();
+                if let Err(e) = self.spool.remove(seqs).await {
+                    // A failed write reopens the spool, and the next pass reads it
+                    // again from the oldest event: these come back as duplicates.
                     return e.into();
                 }
+                self.lanes.held = self.lanes.held.saturating_sub(removed);
                 continue;
             }
             if nacked && confirms.is_empty() {
@@ -520,8 +454,6 @@ impl Pass<'_> {
                 () = sleep_until(stalled_at), if stalled_at.is_some() => {
                     return PassError::Timeout(self.target.publish_timeout);
                 }
-                // Wakes the loop to remove the delivered events, checked at its top.
-                () = sleep_until(self.lanes.delivered.remove_by), if self.lanes.delivered.remove_by.is_some() => {}
             }
         }
     }
@@ -564,7 +496,7 @@ impl Pass<'_> {
                         self.lanes.held_bytes = self.lanes.held_bytes.saturating_sub(len);
                     }
                     lane.refusals = 0;
-                    self.lanes.delivered.push(seq, Instant::now());
+                    self.lanes.delivered.push(seq);
                     if lane.events.is_empty() {
                         self.lanes.lanes.remove(&key);
                     } else {
@@ -602,65 +534,5 @@ impl Pass<'_> {
             }
         }
         nacked
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The window of the shipped config (`amqp.max_unconfirmed`).
-    const WINDOW: usize = 1024;
-
-    #[test]
-    fn delivered_events_wait_to_be_removed_together() {
-        let t0 = Instant::now();
-        let mut lanes = Lanes::new();
-        lanes.held = 2;
-        lanes.delivered.push(1, t0);
-        assert!(!lanes.removal_due(WINDOW, t0), "one event removed alone");
-        let half = t0 + REMOVE_AFTER / 2;
-        lanes.delivered.push(2, half);
-        assert!(!lanes.removal_due(WINDOW, half));
-        let due = t0 + REMOVE_AFTER;
-        assert!(
-            !lanes.removal_due(WINDOW, due - Duration::from_millis(1)),
-            "removed early"
-        );
-        assert!(
-            lanes.removal_due(WINDOW, due),
-            "the oldest kept past REMOVE_AFTER: a later one postponed it"
-        );
-    }
-
-    #[test]
-    fn a_full_batch_or_a_full_window_is_removed_at_once() {
-        let t0 = Instant::now();
-        let mut lanes = Lanes::new();
-        for seq in 1..REMOVE_BATCH as u64 {
-            lanes.held += 1;
-            lanes.delivered.push(seq, t0);
-        }
-        assert!(!lanes.removal_due(WINDOW, t0));
-        lanes.held += 1;
-        lanes.delivered.push(REMOVE_BATCH as u64, t0);
-        assert!(lanes.removal_due(WINDOW, t0), "a full batch waited");
-
-        let mut lanes = Lanes::new();
-        lanes.held = 8;
-        lanes.delivered.push(1, t0);
-        assert!(!lanes.removal_due(9, t0));
-        assert!(
-            lanes.removal_due(8, t0),
-            "nothing more can be read until they are gone"
-        );
-    }
-
-    #[test]
-    fn nothing_delivered_is_never_due() {
-        let mut lanes = Lanes::new();
-        lanes.held = WINDOW;
-        lanes.delivered.remove_by = Some(Instant::now());
-        assert!(!lanes.removal_due(WINDOW, Instant::now() + REMOVE_AFTER));
     }
 }

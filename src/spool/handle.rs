@@ -283,18 +283,6 @@ impl Spool {
         }
     }
 
-    /// [`Spool::read_after_within`] on the calling thread, for a caller that knows the read
-    /// is small and in memory (the forwarder, while the whole spool fits the page cache):
-    /// then the hop to the blocking pool and back costs more than the read.
-    pub(crate) fn read_after_within_now(
-        &self,
-        after: Option<u64>,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<(u64, Bytes)>, SpoolError> {
-        self.read_blocking(after, limit, max_bytes)
-    }
-
     /// Synchronous [`Spool::read_after`], for callers already off the async executor.
     #[cfg(test)]
     pub(crate) fn read_after_blocking(
