@@ -452,6 +452,9 @@ mod tests {
         assert_eq!(QueueKind::Stream.as_str(), "stream");
     }
 
+    /// A change to the default settings, named for the failure message.
+    type Change = (&'static str, Box<dyn FnOnce(&mut AmqpSettings)>);
+
     /// The refusal of the default settings changed by `change`, or "accepted".
     fn verdict_with(change: impl FnOnce(&mut AmqpSettings)) -> String {
         let mut settings = AmqpSettings::default();
@@ -461,7 +464,7 @@ mod tests {
 
     #[test]
     fn limits_stop_exactly_where_they_say() {
-        let accepted: [(&str, Box<dyn FnOnce(&mut AmqpSettings)>); 6] = [
+        let accepted: [Change; 6] = [
             (
                 "exchange of 200",
                 Box::new(|a| a.exchange = "x".repeat(200)),
@@ -490,7 +493,7 @@ mod tests {
         for (what, change) in accepted {
             assert_eq!(verdict_with(change), "accepted", "{what}");
         }
-        let refused: [(&str, Box<dyn FnOnce(&mut AmqpSettings)>); 9] = [
+        let refused: [Change; 9] = [
             ("amqp.exchange", Box::new(|a| a.exchange = "x".repeat(201))),
             ("amqp.exchange", Box::new(|a| a.exchange = String::new())),
             (
