@@ -145,6 +145,7 @@ impl StoreLocation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::tests::verdict;
 
     #[test]
     fn file_and_s3_urls_parse() {
@@ -228,13 +229,13 @@ mod tests {
     #[test]
     fn an_s3_endpoint_is_an_http_url_with_a_host_and_no_password() {
         let endpoint = |e: &str| {
-            ArchiveSettings {
-                s3_endpoint: Some(e.into()),
-                ..ArchiveSettings::default()
-            }
-            .check()
-            .map(|()| "accepted".to_string())
-            .unwrap_or_else(|e| e.to_string())
+            verdict(
+                ArchiveSettings {
+                    s3_endpoint: Some(e.into()),
+                    ..ArchiveSettings::default()
+                }
+                .check(),
+            )
         };
         for good in ["https://s3.example.com", "http://127.0.0.1:9000"] {
             assert_eq!(endpoint(good), "accepted", "{good}");
