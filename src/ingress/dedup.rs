@@ -5,13 +5,18 @@
 //! that arrive together, exactly one claims it and stores it; the others wait for that
 //! one outcome (single flight), so the event is stored and published once.
 //!
-//! Ids are kept as 128-bit keyed hashes, not strings: about 70 bytes an id instead
-//! of 170, no allocation per request, and with a per-process random key nobody can
-//! make two ids meet (by chance, two of 100 000 ids share a key with a probability
-//! near 10^-29).
+//! Ids are kept as 128-bit keyed hashes, not strings: no allocation per request, and
+//! with a per-process random key nobody can make two ids meet (by chance, two of
+//! 100 000 ids share a key with a probability near 10^-29).
+//!
+//! Memory: about 70 bytes an id at `max_ids`, allocated once (README, Memory). The set
+//! of accepted ids takes 17 bytes a slot and is sized for twice `max_ids` when it
+//! first fills (hashbrown then reuses the room of forgotten ids in place instead of
+//! doubling); the expiry queue takes 24 bytes an id, sized for `max_ids`.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -29,20 +34,24 @@ struct Shared {
     max_ids: usize,
     /// Two independently keyed SipHashes, one for each half of a [`Key`].
     keys: (RandomState, RandomState),
+    /// Times are kept as nanoseconds since this instant: 8 bytes, not an `Instant`'s 16.
+    epoch: Instant,
     state: Mutex<State>,
 }
 
-/// A message id as the set keeps it: its 128-bit keyed hash.
-type Key = u128;
+/// A message id as the set keeps it: its 128-bit keyed hash, as two `u64`s so that it
+/// packs at 8-byte alignment (a `u128` would pad every queue entry to 32 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key {
+    high: u64,
+    low: u64,
+}
 
-/// The ids, under one lock.
-#[derive(Default)]
-struct State {
-    /// id -> where it stands.
-    ids: HashMap<Key, Entry, BuildHasherDefault<KeyHasher>>,
-    /// The accepted ids, oldest first, for expiry and eviction. Ids being stored are not
-    /// here: they are never forgotten while their claim is out.
-    order: VecDeque<(Instant, Key)>,
+impl Hash for Key {
+    /// Half of the key is already a keyed hash: [`KeyHasher`] takes it as it is.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.low);
+    }
 }
 
 /// Hashes a [`Key`] by taking its bits: it is already a keyed hash, so hashing it
@@ -55,8 +64,8 @@ impl Hasher for KeyHasher {
         self.0
     }
 
-    fn write_u128(&mut self, key: u128) {
-        self.0 = key as u64;
+    fn write_u64(&mut self, half: u64) {
+        self.0 = half;
     }
 
     /// Not used by [`Key`]; kept correct for any other input.
@@ -67,12 +76,25 @@ impl Hasher for KeyHasher {
     }
 }
 
-/// Where one id stands.
-enum Entry {
-    /// Accepted (durable) at this instant.
-    Done(Instant),
-    /// Being stored by a [`Claim`]; the channel exists once a copy waits for it.
-    Pending(Option<watch::Sender<Outcome>>),
+type KeyHash = BuildHasherDefault<KeyHasher>;
+
+/// The ids, under one lock. An id is in at most one of `done` and `storing`; every id
+/// in `done` is in `order` once, at the time it was accepted.
+#[derive(Default)]
+struct State {
+    /// The accepted (durable) ids.
+    done: HashSet<Key, KeyHash>,
+    /// The accepted ids with the time they were accepted (nanoseconds since
+    /// [`Shared::epoch`]), oldest first, for expiry and eviction.
+    order: VecDeque<(u64, Key)>,
+    /// The ids being stored by a [`Claim`], with the channel that exists once a copy
+    /// waits for the outcome. As many as requests in flight: they are never evicted.
+    storing: HashMap<Key, Option<watch::Sender<Outcome>>, KeyHash>,
+    /// Whether `done` has had its full size since it was last shrunk: it then grows
+    /// no more (removals leave room that hashbrown reuses in place), and before that
+    /// it grows to full size in one step, not by doublings that each hold the old
+    /// and the new table at once.
+    sized: bool,
 }
 
 /// The outcome of a claim, as its waiters see it.
@@ -126,16 +148,13 @@ impl Claim {
         let Some((shared, id)) = self.held.take() else {
             return;
         };
-        let now = Instant::now();
         let waiters = {
+            let now = shared.now();
             let mut state = shared.lock();
-            let previous = state.ids.insert(id, Entry::Done(now));
-            state.order.push_back((now, id));
-            state.trim(now, shared.window, shared.max_ids);
-            match previous {
-                Some(Entry::Pending(tx)) => tx,
-                _ => None,
-            }
+            // Room first, so that the queue never outgrows `max_ids`.
+            state.trim(now, shared.window, shared.max_ids.saturating_sub(1));
+            state.accept(id, now, shared.max_ids);
+            state.storing.remove(&id).flatten()
         };
         if let Some(tx) = waiters {
             tx.send_replace(Outcome::Durable);
@@ -149,10 +168,7 @@ impl Drop for Claim {
         let Some((shared, id)) = self.held.take() else {
             return;
         };
-        let waiters = match shared.lock().ids.remove(&id) {
-            Some(Entry::Pending(tx)) => tx,
-            _ => None,
-        };
+        let waiters = shared.lock().storing.remove(&id).flatten();
         if let Some(tx) = waiters {
             tx.send_replace(Outcome::Failed);
         }
@@ -162,8 +178,15 @@ impl Drop for Claim {
 impl Shared {
     /// The key of `id`.
     fn key(&self, id: &str) -> Key {
-        let (high, low) = (&self.keys.0, &self.keys.1);
-        (u128::from(high.hash_one(id)) << 64) | u128::from(low.hash_one(id))
+        Key {
+            high: self.keys.0.hash_one(id),
+            low: self.keys.1.hash_one(id),
+        }
+    }
+
+    /// Nanoseconds since [`Shared::epoch`] (u64 lasts 584 years).
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// The state; a panic while holding the lock leaves it consistent, so keep using it.
@@ -173,18 +196,32 @@ impl Shared {
 }
 
 impl State {
-    /// Forgets ids older than the window, and the oldest beyond `max_ids`.
-    fn trim(&mut self, now: Instant, window: Duration, max_ids: usize) {
-        while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < window && self.order.len() <= max_ids {
+    /// Forgets ids older than the window, and the oldest while more than `keep` remain.
+    fn trim(&mut self, now: u64, window: Duration, keep: usize) {
+        let window = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        while let Some(&(at, id)) = self.order.front() {
+            if now.saturating_sub(at) < window && self.order.len() <= keep {
                 break;
             }
-            if let Some((at, id)) = self.order.pop_front()
-                && matches!(self.ids.get(&id), Some(Entry::Done(t)) if *t == at)
-            {
-                self.ids.remove(&id);
-            }
+            self.order.pop_front();
+            self.done.remove(&id);
         }
+    }
+
+    /// Records `id` as accepted at `now`. Each structure is allocated at its full size
+    /// the first time it fills up (see [`State::sized`]).
+    fn accept(&mut self, id: Key, now: u64, max_ids: usize) {
+        if !self.sized && self.done.len() == self.done.capacity() {
+            self.done
+                .reserve(max_ids.saturating_mul(2).saturating_sub(self.done.len()));
+            self.sized = true;
+        }
+        if self.order.len() == self.order.capacity() {
+            self.order
+                .reserve_exact(max_ids.saturating_sub(self.order.len()));
+        }
+        self.done.insert(id);
+        self.order.push_back((now, id));
     }
 }
 
@@ -209,8 +246,9 @@ impl Expiry {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {
+                    let now = shared.now();
                     let mut state = shared.lock();
-                    state.trim(Instant::now(), shared.window, shared.max_ids);
+                    state.trim(now, shared.window, shared.max_ids);
                     state.shrink();
                 }
             }
@@ -223,11 +261,15 @@ impl State {
     /// double (a smaller table is rebuilt, so this runs from [`Expiry`], not per request).
     fn shrink(&mut self) {
         const SMALLEST: usize = 1024;
-        if self.ids.capacity() > SMALLEST && self.ids.len() < self.ids.capacity() / 4 {
-            self.ids.shrink_to(self.ids.len() * 2);
+        if self.done.capacity() > SMALLEST && self.done.len() < self.done.capacity() / 4 {
+            self.done.shrink_to(self.done.len() * 2);
+            self.sized = false;
         }
         if self.order.capacity() > SMALLEST && self.order.len() < self.order.capacity() / 4 {
             self.order.shrink_to(self.order.len() * 2);
+        }
+        if self.storing.capacity() > SMALLEST && self.storing.len() < self.storing.capacity() / 4 {
+            self.storing.shrink_to(self.storing.len() * 2);
         }
     }
 }
@@ -247,6 +289,7 @@ impl Dedup {
                 window,
                 max_ids,
                 keys: (RandomState::new(), RandomState::new()),
+                epoch: Instant::now(),
                 state: Mutex::new(State::default()),
             }),
         }
@@ -260,19 +303,23 @@ impl Dedup {
             return Check::Claimed(Claim { held: None });
         }
         let id = shared.key(id);
-        let now = Instant::now();
+        let now = shared.now();
         let mut state = shared.lock();
         state.trim(now, shared.window, shared.max_ids);
-        match state.ids.get_mut(&id) {
-            Some(Entry::Done(_)) => Check::Done,
-            Some(Entry::Pending(Some(tx))) => Check::Pending(Pending { rx: tx.subscribe() }),
-            Some(Entry::Pending(waiters)) => {
-                let (tx, rx) = watch::channel(Outcome::Storing);
-                *waiters = Some(tx);
-                Check::Pending(Pending { rx })
-            }
-            None => {
-                state.ids.insert(id, Entry::Pending(None));
+        if state.done.contains(&id) {
+            return Check::Done;
+        }
+        match state.storing.entry(id) {
+            Entry::Occupied(mut storing) => match storing.get_mut() {
+                Some(tx) => Check::Pending(Pending { rx: tx.subscribe() }),
+                waiters => {
+                    let (tx, rx) = watch::channel(Outcome::Storing);
+                    *waiters = Some(tx);
+                    Check::Pending(Pending { rx })
+                }
+            },
+            Entry::Vacant(storing) => {
+                storing.insert(None);
                 Check::Claimed(Claim {
                     held: Some((shared.clone(), id)),
                 })
@@ -324,9 +371,38 @@ mod tests {
         for id in ["a", "b", "c", "d"] {
             claim(&d, id).settle();
         }
-        assert_eq!(d.shared.lock().ids.len(), 3);
+        assert_eq!(d.shared.lock().done.len(), 3);
         assert!(is_done(&d, "b") && is_done(&d, "c") && is_done(&d, "d"));
         assert!(!is_done(&d, "a"));
+    }
+
+    #[test]
+    fn churn_never_grows_the_tables_past_their_first_size() {
+        // The sizes that README's memory figures are made of.
+        assert_eq!(std::mem::size_of::<Key>(), 16);
+        assert_eq!(std::mem::size_of::<(u64, Key)>(), 24);
+        let max_ids = 1000;
+        let d = Dedup::new(Duration::from_secs(60), max_ids);
+        claim(&d, "first").settle();
+        let sized = d.shared.lock().done.capacity();
+        assert!(sized >= 2 * max_ids, "{sized}");
+        for n in 0..20 * max_ids {
+            claim(&d, &format!("id-{n}")).settle();
+        }
+        let state = d.shared.lock();
+        assert_eq!(state.done.len(), max_ids);
+        // Removals leave tombstones that lower the capacity until a rehash in place;
+        // a rebuild would have raised it.
+        assert!(
+            state.done.capacity() <= sized,
+            "rebuilt larger than {sized}"
+        );
+        assert_eq!(state.order.len(), max_ids);
+        assert!(
+            state.order.capacity() <= max_ids,
+            "{}",
+            state.order.capacity()
+        );
     }
 
     #[test]
@@ -339,7 +415,7 @@ mod tests {
         assert!(matches!(d.check("a"), Check::Pending(_)));
         a.settle();
         assert!(is_done(&d, "a"));
-        assert_eq!(d.shared.lock().ids.len(), 1);
+        assert_eq!(d.shared.lock().done.len(), 1);
     }
 
     #[test]
@@ -353,7 +429,7 @@ mod tests {
             claim(&d, &format!("{base}{n:06}")).settle();
             claim(&d, &format!("{base}{n}x")).settle();
         }
-        assert_eq!(d.shared.lock().ids.len(), 200_000);
+        assert_eq!(d.shared.lock().done.len(), 200_000);
         assert!(is_done(&d, &format!("{base}000042")));
     }
 
@@ -363,19 +439,19 @@ mod tests {
         for n in 0..20_000 {
             claim(&d, &format!("id-{n}")).settle();
         }
-        let grown = d.shared.lock().ids.capacity();
+        let grown = d.shared.lock().done.capacity();
         let stop = CancellationToken::new();
         let task = tokio::spawn(d.expiry().run(stop.clone()));
         // The first tick comes at once (ids still young), the next after 1 s.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         {
             let state = d.shared.lock();
-            assert_eq!(state.ids.len(), 0);
+            assert_eq!(state.done.len(), 0);
             assert_eq!(state.order.len(), 0);
             assert!(
-                state.ids.capacity() < grown / 4,
+                state.done.capacity() < grown / 4,
                 "{} of {grown}",
-                state.ids.capacity()
+                state.done.capacity()
             );
         }
         stop.cancel();
@@ -393,7 +469,7 @@ mod tests {
         first.settle();
         second.settle();
         assert!(!is_done(&d, "a"));
-        assert!(d.shared.lock().ids.is_empty());
+        assert!(d.shared.lock().done.is_empty());
     }
 
     #[tokio::test]
