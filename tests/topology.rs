@@ -1,14 +1,16 @@
 //! The default topology on a real RabbitMQ (issue 12 point 7): the shipped
 //! quorum queue bound to everything, the unrouted queue being quorum, readiness
-//! with `declare = false` and the exchange missing, and a dead first URL of
-//! `amqp.urls` giving way to the next.
+//! with `declare = false` and the exchange missing, a dead first URL of
+//! `amqp.urls` giving way to the next, and the frame size the link asks for.
 
 mod common;
 mod support;
 
 use std::time::Duration;
 
-use cellosign_bridge::{AckMode, QueueKind, Settings, Sources};
+use std::sync::Arc;
+
+use cellosign_bridge::{AckMode, Link, Metrics, QueueKind, Settings, Sources};
 use common::*;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
@@ -198,6 +200,39 @@ async fn a_dead_first_url_gives_way_to_the_second() {
             "nothing goes through the dead URL"
         );
         app.stop().await;
+    })
+    .await;
+}
+
+/// The frame size the link negotiates with the broker for `url`.
+async fn negotiated_frame_max(url: String) -> u32 {
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut s = test_settings(AckMode::Spooled, spool.path());
+    s.amqp.urls = vec![url.into()];
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (link, task) = Link::start(s.amqp, Arc::new(Metrics::new()), stop.clone());
+    let connection = tokio::time::timeout(WAIT, link.connected())
+        .await
+        .expect("the link connects");
+    let frame_max = connection.configuration().frame_max();
+    stop.cancel();
+    let _ = task.await;
+    frame_max
+}
+
+/// lapin keeps 32 frames of the negotiated size resident for each direction, so the
+/// broker's 128 KiB default cost 8 MiB: the link asks for 32 KiB, unless the URL
+/// names its own size, which it keeps.
+#[tokio::test]
+async fn the_link_asks_for_32_kib_frames_unless_the_url_names_a_size() {
+    bounded(async {
+        let url = amqp_url();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        assert_eq!(negotiated_frame_max(url.clone()).await, 32 * 1024);
+        assert_eq!(
+            negotiated_frame_max(format!("{url}{sep}frame_max=65536")).await,
+            65536
+        );
     })
     .await;
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -25,6 +26,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest wait for the broker to acknowledge closing the connection at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The frame size asked for when a URL does not name one (`?frame_max=`). lapin keeps
+/// 32 frames of the negotiated size for each direction of a connection, zero-filled:
+/// at RabbitMQ's default of 128 KiB that was 8 MiB resident for the bridge's one
+/// connection, at 32 KiB it is 2 MiB. Events are a few KiB; a larger message is only
+/// cut into more frames.
+pub const FRAME_MAX: u32 = 32 * 1024;
 
 /// A connection that lasted this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
@@ -275,10 +283,19 @@ enum ConnectError {
     Topology(#[from] topology::TopologyError),
 }
 
+/// Opens a connection to `url` named `name` (as the broker's connection list shows it),
+/// asking for frames of [`FRAME_MAX`] unless the URL names its own size.
+pub(crate) async fn open(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let mut uri: AMQPUri = url
+        .parse()
+        .map_err(|why: String| lapin::Error::from(std::io::Error::other(why)))?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect_uri(uri, properties).await
+}
+
 async fn connect_one(url: &str, amqp: &AmqpSettings) -> Result<Connection, ConnectError> {
-    let properties =
-        ConnectionProperties::default().with_connection_name("cellosign-bridge".into());
-    let connection = Connection::connect(url, properties).await?;
+    let connection = open(url, "cellosign-bridge").await?;
     let channel = connection.create_channel().await?;
     topology::ensure(&channel, amqp).await?;
     if amqp.partitions > 0 {

@@ -14,9 +14,9 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties, Consumer};
+use lapin::{Connection, Consumer};
 
-use crate::amqp::link::{CONNECT_TIMEOUT, describe, first_that_connects};
+use crate::amqp::link::{CONNECT_TIMEOUT, describe, first_that_connects, open};
 use crate::config::{BrokerUrl, Settings};
 
 /// Why `tail` stopped.
@@ -79,9 +79,7 @@ pub(crate) fn render(delivery: &Delivery) -> serde_json::Value {
 /// [`CONNECT_TIMEOUT`]; the first that connects wins. Returns the connection and
 /// its URL with the password redacted.
 pub(crate) async fn connect_any(urls: &[BrokerUrl]) -> Result<(Connection, String), TailError> {
-    let properties =
-        ConnectionProperties::default().with_connection_name("cellosign-bridge tail".into());
-    first_that_connects(urls, |url| Connection::connect(url, properties.clone()))
+    first_that_connects(urls, |url| open(url, "cellosign-bridge tail"))
         .await
         .map_err(|failures| TailError::Connect(describe(&failures)))
 }
