@@ -216,10 +216,9 @@ impl State {
                 .reserve(max_ids.saturating_mul(2).saturating_sub(self.done.len()));
             self.sized = true;
         }
-        if self.order.len() == self.order.capacity() {
-            self.order
-                .reserve_exact(max_ids.saturating_sub(self.order.len()));
-        }
+        // A no-op while there is room; after a shrink, straight back to full size.
+        self.order
+            .reserve_exact(max_ids.saturating_sub(self.order.len()));
         self.done.insert(id);
         self.order.push_back((now, id));
     }
@@ -374,6 +373,64 @@ mod tests {
         assert_eq!(d.shared.lock().done.len(), 3);
         assert!(is_done(&d, "b") && is_done(&d, "c") && is_done(&d, "d"));
         assert!(!is_done(&d, "a"));
+    }
+
+    #[test]
+    fn the_key_hasher_keeps_other_input_apart_too() {
+        // Only `Key` is hashed here, through `write_u64`; `write` is the trait's
+        // general path, kept correct should anything else ever be hashed with it.
+        let hash = |bytes: &[u8]| {
+            let mut h = KeyHasher::default();
+            h.write(bytes);
+            h.finish()
+        };
+        assert_eq!(hash(b"ab"), hash(b"ab"));
+        assert_ne!(hash(b"ab"), hash(b"ba"));
+        // Past eight bytes the rotation brings earlier bytes back onto later ones.
+        assert_ne!(hash(&[1; 8]), hash(&[1; 9]));
+    }
+
+    #[test]
+    fn shrink_gives_back_what_is_mostly_unused_and_keeps_room_to_double() {
+        let d = Dedup::new(Duration::from_secs(60), 10_000);
+        for n in 0..3_000 {
+            claim(&d, &format!("id-{n}")).settle();
+        }
+        let mut pending: Vec<Claim> = (0..5_000).map(|n| claim(&d, &format!("p-{n}"))).collect();
+        let (order, storing, done) = {
+            let mut state = d.shared.lock();
+            let sizes = (
+                state.order.capacity(),
+                state.storing.capacity(),
+                state.done.capacity(),
+            );
+            // More than a quarter used: the queue and the claims kept as they are.
+            state.shrink();
+            assert_eq!(state.order.capacity(), sizes.0, "queue shrunk at 30% use");
+            assert_eq!(
+                state.storing.capacity(),
+                sizes.1,
+                "claims shrunk at full use"
+            );
+            sizes
+        };
+        pending.truncate(1_000);
+        let mut state = d.shared.lock();
+        state.trim(0, Duration::from_secs(60), 1_000);
+        // A quarter or less used: given back down to twice the length.
+        state.shrink();
+        let (order_now, storing_now) = (state.order.capacity(), state.storing.capacity());
+        assert!(
+            (2_000..order / 4).contains(&order_now),
+            "{order_now} of {order}"
+        );
+        assert!(
+            (2_000..storing).contains(&storing_now),
+            "{storing_now} of {storing}"
+        );
+        let done_now = state.done.capacity();
+        assert!((2_000..done).contains(&done_now), "{done_now} of {done}");
+        drop(state);
     }
 
     #[test]
