@@ -30,7 +30,9 @@ pub struct Dedup {
 
 /// What [`Dedup`] and its outstanding [`Claim`]s share.
 struct Shared {
-    window: Duration,
+    /// How long an accepted id is remembered, in nanoseconds (as [`State::order`]
+    /// keeps times), converted once here rather than on every check.
+    window: u64,
     max_ids: usize,
     /// Two independently keyed SipHashes, one for each half of a [`Key`].
     keys: (RandomState, RandomState),
@@ -197,8 +199,7 @@ impl Shared {
 
 impl State {
     /// Forgets ids older than the window, and the oldest while more than `keep` remain.
-    fn trim(&mut self, now: u64, window: Duration, keep: usize) {
-        let window = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+    fn trim(&mut self, now: u64, window: u64, keep: usize) {
         while let Some(&(at, id)) = self.order.front() {
             if now.saturating_sub(at) < window && self.order.len() <= keep {
                 break;
@@ -208,8 +209,9 @@ impl State {
         }
     }
 
-    /// Records `id` as accepted at `now`. Each structure is allocated at its full size
-    /// the first time it fills up (see [`State::sized`]).
+    /// Records `id` as accepted at `now`. The set is allocated at its full size the
+    /// first time it fills up (see [`State::sized`]), the queue at its first id and
+    /// again at the first after a shrink.
     fn accept(&mut self, id: Key, now: u64, max_ids: usize) {
         if !self.sized && self.done.len() == self.done.capacity() {
             self.done
@@ -235,10 +237,11 @@ impl Expiry {
     /// Runs until `stop`: a tenth of the window apart (1 to 60 s), one short lock.
     pub(crate) async fn run(self, stop: CancellationToken) {
         let shared = self.shared;
-        if shared.window.is_zero() {
+        if shared.window == 0 {
             return stop.cancelled().await;
         }
-        let period = (shared.window / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let period = Duration::from_nanos(shared.window / 10)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -285,7 +288,7 @@ impl Dedup {
     pub(crate) fn new(window: Duration, max_ids: usize) -> Self {
         Dedup {
             shared: Arc::new(Shared {
-                window,
+                window: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
                 max_ids,
                 keys: (RandomState::new(), RandomState::new()),
                 epoch: Instant::now(),
@@ -298,7 +301,7 @@ impl Dedup {
     /// is claimed by this call.
     pub(crate) fn check(&self, id: &str) -> Check {
         let shared = &self.shared;
-        if shared.window.is_zero() {
+        if shared.window == 0 {
             return Check::Claimed(Claim { held: None });
         }
         let id = shared.key(id);
@@ -416,7 +419,7 @@ mod tests {
         };
         pending.truncate(1_000);
         let mut state = d.shared.lock();
-        state.trim(0, Duration::from_secs(60), 1_000);
+        state.trim(0, 60_000_000_000, 1_000);
         // A quarter or less used: given back down to twice the length.
         state.shrink();
         let (order_now, storing_now) = (state.order.capacity(), state.storing.capacity());
