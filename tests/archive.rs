@@ -345,6 +345,10 @@ async fn archives_waiting_beyond_the_forwarders_byte_budget_are_all_forwarded_in
         let mut s = test_settings(AckMode::Spooled, spool.path());
         s.amqp.exchange = exchange.clone();
         s.amqp.urls = urls;
+        // The subject is the forwarder's budget, not a slow disk: a 15 MB append
+        // took over the default 2 s under CI's load and was answered 503, as
+        // README says it may be.
+        s.spool.append_timeout_ms = 60_000;
         s
     };
     let offline = settings(vec!["amqp://guest:guest@127.0.0.1:1/%2f".into()]);
