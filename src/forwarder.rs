@@ -156,7 +156,7 @@ struct Lanes {
     in_flight: HashMap<u64, (Arc<str>, Instant, Option<Span>)>,
     /// Seqs in send order, to find the oldest unconfirmed one.
     sent: SendOrder,
-    /// Events read from the spool and not yet removed.
+    /// Events read from the spool and not yet handed back to it for removal.
     held: usize,
     /// Bytes of the bodies of the `held` events.
     held_bytes: usize,
@@ -415,11 +415,11 @@ impl Pass<'_> {
                     warn!("fault injected: forwarder.channel_lost_before_remove");
                     return PassError::Timeout(Duration::ZERO);
                 }
-                let seqs = std::mem::take(&mut self.lanes.delivered);
-                let removed = seqs.len();
-                if let Err(e) = self.spool.remove(seqs).await {
-                    // A failed write reopens the spool, and the next pass reads it
-                    // again from the oldest event: these come back as duplicates.
+                let removed = self.lanes.delivered.len();
+                // Not waited for: a failed commit reopens the spool, which wakes this
+                // pass, and the next reads it again from the oldest event, so these
+                // come back as duplicates.
+                if let Err(e) = self.spool.remove_soon(&mut self.lanes.delivered) {
                     return e.into();
                 }
                 self.lanes.held = self.lanes.held.saturating_sub(removed);
@@ -445,7 +445,7 @@ impl Pass<'_> {
                         self.lanes.ready.push_back(key);
                     }
                 }
-                r = self.spool.wait_for_new(Some(known_last)), if can_read => {
+                r = self.spool.wait_for_new(Some(known_last), self.reopens), if can_read => {
                     if let Err(e) = r {
                         return e.into();
                     }

@@ -26,6 +26,11 @@ pub const MAX_RECORD_LEN: usize = 1 << 30;
 /// Default of [`SpoolOptions::append_timeout`] (`spool.append_timeout_ms`).
 pub const DEFAULT_APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Default of [`SpoolOptions::removal_delay`]: short next to the idle flush and to what
+/// an operator reads off the spool depth, long next to the gap between appends at an
+/// ordinary webhook rate, so that removals nearly always ride an append's commit.
+pub const DEFAULT_REMOVAL_DELAY: Duration = Duration::from_millis(20);
+
 /// Tunables for [`Spool::open_with`]; [`SpoolOptions::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct SpoolOptions {
@@ -42,6 +47,9 @@ pub struct SpoolOptions {
     /// How long a caller waits for an append to become durable before answering 503 (the
     /// append itself goes on). Not enforced by [`Spool::append`]; see [`Spool::append_timeout`].
     pub append_timeout: Duration,
+    /// How long a removal may wait to ride another commit before it is committed by
+    /// itself (see [`Spool::remove_soon`]).
+    pub removal_delay: Duration,
 }
 
 impl SpoolOptions {
@@ -52,6 +60,7 @@ impl SpoolOptions {
             cache_bytes: 4 << 20,
             quick_repair: false,
             append_timeout: DEFAULT_APPEND_TIMEOUT,
+            removal_delay: DEFAULT_REMOVAL_DELAY,
         }
     }
 }
@@ -239,14 +248,42 @@ impl Spool {
         rx.await.unwrap_or(Err(SpoolError::Closed))
     }
 
-    /// Deletes the given records after the broker confirmed them; returns how many existed.
+    /// Deletes the given records and waits for the commit; returns how many existed.
     /// Committed without fsync: visible at once, durable with the next durable commit, so a crash
     /// can bring a few back (a duplicate publish, never a loss).
+    #[cfg(test)]
     pub(crate) async fn remove(&self, seqs: Vec<u64>) -> Result<usize, SpoolError> {
         if seqs.is_empty() {
             return Ok(0);
         }
         self.request(|reply| Op::Remove { seqs, reply }).await
+    }
+
+    /// Deletes the records in `seqs` (drained, so the caller's buffer is kept) after the
+    /// broker confirmed them, without waiting: they ride the writer's next commit, or are
+    /// committed by themselves within [`SpoolOptions::removal_delay`], without fsync either
+    /// way, so a crash can bring a few back (a duplicate publish, never a loss). At most one
+    /// message per delay wakes the writer for them. A commit that fails reopens the spool,
+    /// which [`Spool::wait_for_new`] reports, and its removals come back to be forwarded again.
+    pub(crate) fn remove_soon(&self, seqs: &mut Vec<u64>) -> Result<(), SpoolError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let shared = &self.inner.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(SpoolError::Closed);
+        }
+        shared
+            .removals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .append(seqs);
+        // Added before telling: the writer clears the flag before it takes the list, so
+        // what it does not take, a later message tells it about.
+        if shared.removals_told.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.send(Op::RemoveSoon)
     }
 
     /// Finishes queued operations, commits durably, closes the file and stops the writer. Later
@@ -318,18 +355,25 @@ impl Spool {
         store::read_from(db, start, limit, max_bytes)
     }
 
-    /// Waits until a record with a sequence number above `after` has been committed, so the
-    /// forwarder sleeps instead of polling; returns the highest committed sequence number.
-    /// Returns at once if there already is one, and [`SpoolError::Closed`] after shutdown.
-    pub(crate) async fn wait_for_new(&self, after: Option<u64>) -> Result<u64, SpoolError> {
+    /// Waits until a record with a sequence number above `after` has been committed, or the
+    /// spool was reopened after a storage error since it had been reopened `reopens` times
+    /// (the caller's read cursor is stale then), so the forwarder sleeps instead of polling;
+    /// returns the highest committed sequence number. Returns at once if either already
+    /// happened, and [`SpoolError::Closed`] after shutdown.
+    pub(crate) async fn wait_for_new(
+        &self,
+        after: Option<u64>,
+        reopens: u64,
+    ) -> Result<u64, SpoolError> {
         let shared = &self.inner.shared;
         let floor = after.unwrap_or(0);
+        let woken = |last: u64| last > floor || shared.reopens.load(Ordering::Acquire) != reopens;
         let mut rx = shared.last_seq.subscribe();
         let last = *rx
-            .wait_for(|&last| last > floor || shared.closed.load(Ordering::Acquire))
+            .wait_for(|&last| woken(last) || shared.closed.load(Ordering::Acquire))
             .await
             .map_err(|_| SpoolError::Closed)?;
-        if last > floor {
+        if woken(last) {
             Ok(last)
         } else {
             Err(SpoolError::Closed)

@@ -5,11 +5,15 @@
 //!
 //! * One writer thread owns every write transaction. All appends queued at one moment share one
 //!   write transaction and one `Durability::Immediate` commit (one fsync): group commit.
-//! * Removals ride the same thread, committed with `Durability::None` (a lost removal only means
-//!   a duplicate publish). redb makes a `None` commit durable with the next `Immediate` commit, or
-//!   when the database is closed; the writer forces an `Immediate` commit after
-//!   [`MAX_NONDURABLE_STREAK`](writer::MAX_NONDURABLE_STREAK) `None` commits in a row, after [`IDLE_FLUSH`](writer::IDLE_FLUSH) without work, and on
-//!   [`Spool::shutdown`].
+//! * Removals ride the same thread without being waited for ([`Spool::remove_soon`]): they are
+//!   deleted in the next commit, an append's as a rule, or by a commit of their own within
+//!   [`SpoolOptions::removal_delay`], so at an ordinary webhook rate they cost the writer no
+//!   wake-up and no commit. Their own commits use `Durability::None` (a lost removal only
+//!   means a duplicate publish). redb makes a `None` commit durable with the next `Immediate`
+//!   commit, or when the database is closed; the writer forces an `Immediate` commit after
+//!   [`MAX_NONDURABLE_STREAK`](writer::MAX_NONDURABLE_STREAK) `None` commits in a row,
+//!   [`IDLE_FLUSH`](writer::IDLE_FLUSH) after the first `None` commit not yet durable, and
+//!   on [`Spool::shutdown`].
 //! * redb refuses further write transactions after a failed commit until the database is closed
 //!   and reopened, so after any write error the writer reopens the file at once (and before the
 //!   next batch, while that fails), durably deletes whatever the failed batch may have left on

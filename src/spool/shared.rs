@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::Database;
 use tokio::sync::watch;
@@ -52,6 +52,11 @@ pub(super) struct Shared {
     pub(super) closed: AtomicBool,
     /// Highest committed sequence number, 0 = none yet; wakes `wait_for_new` callers.
     pub(super) last_seq: watch::Sender<u64>,
+    /// Confirmed records to delete with the writer's next commit (`Spool::remove_soon`).
+    pub(super) removals: Mutex<Vec<u64>>,
+    /// The writer has been told that `removals` is waiting (and commits it by its delay at
+    /// the latest); until it clears this, more removals are added without telling it again.
+    pub(super) removals_told: AtomicBool,
 }
 
 impl Shared {
@@ -74,6 +79,8 @@ impl Shared {
             degraded: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             last_seq: watch::Sender::new(scan.next_seq - 1),
+            removals: Mutex::new(Vec::new()),
+            removals_told: AtomicBool::new(false),
         }
     }
 
@@ -91,6 +98,12 @@ impl Shared {
     /// The database slot for replacing or closing the handle; readers wait meanwhile.
     pub(super) fn write_db(&self) -> RwLockWriteGuard<'_, Option<Database>> {
         self.db.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the removals waiting for a commit. A panic elsewhere leaves the list whole, so
+    /// poisoning is ignored.
+    pub(super) fn take_removals(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.removals.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Gives back the reservation of `len` bytes (a failed or abandoned append, or a removal).

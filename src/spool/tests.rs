@@ -12,7 +12,7 @@ use super::handle::SpoolStats;
 use super::store::FILE_NAME;
 use super::store::create_dir_durable;
 use super::writer::Op;
-use super::{Spool, SpoolError};
+use super::{Spool, SpoolError, SpoolOptions};
 
 /// A record that starts with `tag:`, padded with `x` to `len` bytes.
 pub(super) fn payload(tag: &str, len: usize) -> Bytes {
@@ -281,17 +281,17 @@ async fn wait_for_new_wakes_forwarder() {
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
     let waiter = {
         let spool = spool.clone();
-        tokio::spawn(async move { spool.wait_for_new(None).await })
+        tokio::spawn(async move { spool.wait_for_new(None, 0).await })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!waiter.is_finished());
     spool.append(payload("wake", 10)).await.unwrap();
     assert_eq!(waiter.await.unwrap().unwrap(), 1);
     // Already satisfied: returns at once.
-    assert_eq!(spool.wait_for_new(Some(0)).await.unwrap(), 1);
+    assert_eq!(spool.wait_for_new(Some(0), 0).await.unwrap(), 1);
     let waiter = {
         let spool = spool.clone();
-        tokio::spawn(async move { spool.wait_for_new(Some(1)).await })
+        tokio::spawn(async move { spool.wait_for_new(Some(1), 0).await })
     };
     spool.shutdown().await.unwrap();
     assert!(matches!(waiter.await.unwrap(), Err(SpoolError::Closed)));
@@ -375,4 +375,98 @@ async fn dropping_the_last_handle_signals_and_does_not_wait() {
     drop(shared);
     let s = Spool::inspect(dir.path()).unwrap();
     assert_eq!((s.events, s.bytes, s.last_seq), (1, 10, Some(1)));
+}
+
+/// A spool whose deferred removals are committed only by other commits (or at close):
+/// their own deadline is far beyond any test.
+fn spool_without_removal_deadline(dir: &std::path::Path) -> Spool {
+    let opts = SpoolOptions {
+        removal_delay: Duration::from_secs(3600),
+        ..SpoolOptions::new(1 << 30)
+    };
+    Spool::open_with(dir, opts).unwrap()
+}
+
+/// At an ordinary webhook rate every append commits alone, and the forwarder removes each
+/// event once the broker confirmed it. A removal with a commit (and a wake-up of the writer)
+/// of its own doubled the writer's work per event: it rides the next append's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removals_ride_the_commits_of_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_without_removal_deadline(dir.path());
+    let mut confirmed = Vec::with_capacity(1);
+    for i in 0..50 {
+        let seq = spool.append(payload(&format!("r{i}"), 100)).await.unwrap();
+        confirmed.push(seq);
+        spool.remove_soon(&mut confirmed).unwrap();
+        assert!(confirmed.is_empty(), "the caller's buffer is drained");
+        assert!(confirmed.capacity() >= 1, "and kept");
+    }
+    let s = spool.stats();
+    assert_eq!(s.commits, 50, "one commit per append, its removal included");
+    assert_eq!(s.durable_commits, 50);
+    // The last removal waits for a commit to ride.
+    assert_eq!((s.events, s.bytes), (1, 100));
+    assert_eq!(seqs_of(read_all(&spool)), [50]);
+    // Closing commits it: nothing comes back at the next start.
+    spool.shutdown().await.unwrap();
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    assert_eq!(spool.stats().events, 0);
+}
+
+/// With no append to ride, a removal is committed by itself within the delay, without
+/// fsync, and the next one after it is too (the writer is woken again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_with_nothing_to_ride_commits_within_the_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        removal_delay: Duration::from_millis(30),
+        ..SpoolOptions::new(1 << 30)
+    };
+    let spool = Spool::open_with(dir.path(), opts).unwrap();
+    for round in 0..3u64 {
+        let mut seqs = Vec::new();
+        for i in 0..3 {
+            seqs.push(
+                spool
+                    .append(payload(&format!("{round}-{i}"), 10))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let durable = spool.stats().durable_commits;
+        spool.remove_soon(&mut seqs).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while spool.stats().events > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the removal was never committed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(spool.stats().durable_commits, durable, "without fsync");
+    }
+}
+
+/// Removals not yet committed when the last handle is dropped are committed as the writer
+/// closes the file, as at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removals_waiting_at_drop_are_committed_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_without_removal_deadline(dir.path());
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        seqs.push(spool.append(payload(&format!("d{i}"), 10)).await.unwrap());
+    }
+    seqs.retain(|&s| s != 3);
+    spool.remove_soon(&mut seqs).unwrap();
+    drop_and_wait(spool).await;
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    assert_eq!(seqs_of(read_all(&spool)), [3]);
+}
+
+/// The sequence numbers of `records`.
+fn seqs_of(records: Vec<(u64, Bytes)>) -> Vec<u64> {
+    records.into_iter().map(|r| r.0).collect()
 }

@@ -61,7 +61,7 @@ async fn crash_child_writer() {
     tokio::spawn(async move {
         let mut cursor = None;
         loop {
-            cursor = Some(forwarder.wait_for_new(cursor).await.unwrap());
+            cursor = Some(forwarder.wait_for_new(cursor, 0).await.unwrap());
             let batch = forwarder.read_after(None, 50).await.unwrap();
             let seqs: Vec<u64> = batch.iter().map(|r| r.0).collect();
             // Announced before the call: the removal may land even if we die before it returns.
@@ -190,6 +190,13 @@ async fn failed_commit_child() {
             }
         })
     };
+    // A forwarder waiting for records: a reopen must wake it, as its read cursor is stale
+    // and removals it handed over may have failed with the batch. Waiting past any number
+    // a record can get, only that (or a close) can wake it.
+    let waiter = {
+        let (spool, reopens) = (spool.clone(), spool.stats().reopens);
+        tokio::spawn(async move { spool.wait_for_new(Some(u64::MAX), reopens).await })
+    };
     // The fault fires on the first commit holding appends: these, posted together.
     let tasks: Vec<_> = (0..8)
         .map(|i| {
@@ -209,6 +216,11 @@ async fn failed_commit_child() {
         }
     }
     assert!(!failed.is_empty(), "the injected fault did not fire");
+    let woken = tokio::time::timeout(Duration::from_secs(10), waiter).await;
+    assert!(
+        matches!(woken, Ok(Ok(Ok(_)))),
+        "the reopen did not wake the waiting reader: {woken:?}"
+    );
     let later = spool.append(payload("later", 100)).await.unwrap();
     assert!(later > 8, "the failed numbers are not reused: {later}");
     stored.push("later:".into());

@@ -25,7 +25,8 @@ use crate::fault;
 /// a bounded number of removals and redb can reclaim the freed pages.
 pub const MAX_NONDURABLE_STREAK: u32 = 32;
 
-/// Idle time after which pending `None` commits are made durable by an empty `Immediate` commit.
+/// Time after a `None` commit by which it is made durable (by an empty `Immediate` commit if
+/// no other comes first).
 pub const IDLE_FLUSH: Duration = Duration::from_millis(250);
 
 /// While degraded, how often the writer checks by itself whether writes work again. Readiness
@@ -54,7 +55,11 @@ pub(super) enum Op {
         reply: Reply<u64>,
     },
     /// Delete these records; answered with how many existed.
+    #[cfg_attr(not(test), allow(dead_code))]
     Remove { seqs: Vec<u64>, reply: Reply<usize> },
+    /// [`Shared::removals`] has records to delete: commit them within the removal delay,
+    /// with another commit if one comes first.
+    RemoveSoon,
     /// Finish, commit durably, close the file and stop.
     Shutdown { reply: Reply<()> },
 }
@@ -73,6 +78,8 @@ pub(super) fn spawn(shared: Arc<Shared>, next_seq: u64) -> io::Result<mpsc::Send
         purge: Vec::new(),
         nondurable_streak: 0,
         next_probe: None,
+        flush_at: None,
+        removals_at: None,
     };
     std::thread::Builder::new()
         .name("spool-writer".into())
@@ -104,6 +111,8 @@ struct Batch {
     appends: Vec<(Parts, u64, Reply<u64>)>,
     /// Sequence numbers to delete, one entry per [`Op::Remove`].
     removes: Vec<(Vec<u64>, Reply<usize>)>,
+    /// Sequence numbers from [`Shared::removals`], riding this batch's commit.
+    riding: Vec<u64>,
     /// The close waiting for earlier removals to be durable.
     flushes: Vec<Reply<()>>,
 }
@@ -111,7 +120,10 @@ struct Batch {
 impl Batch {
     /// Whether there is nothing to commit or answer.
     fn is_empty(&self) -> bool {
-        self.appends.is_empty() && self.removes.is_empty() && self.flushes.is_empty()
+        self.appends.is_empty()
+            && self.removes.is_empty()
+            && self.riding.is_empty()
+            && self.flushes.is_empty()
     }
 
     /// Summed length of the appended records: their reservation.
@@ -167,6 +179,12 @@ struct Writer {
     nondurable_streak: u32,
     /// While degraded: when the writer next checks by itself whether writes work again.
     next_probe: Option<Instant>,
+    /// When the `None` commits since the last durable one are made durable, if nothing
+    /// else makes them so first.
+    flush_at: Option<Instant>,
+    /// When the removals waiting in [`Shared::removals`] are committed by themselves, if
+    /// no other commit takes them first.
+    removals_at: Option<Instant>,
 }
 
 impl Writer {
@@ -187,33 +205,42 @@ impl Writer {
             };
             // Checked on every wake-up, so a steady trickle of work cannot postpone it.
             self.probe_if_due();
-            let Some(first) = first else {
-                // Idle: make the pending `None` commits durable (a no-op if there are none).
-                if !self.needs_reopen {
-                    self.execute(Batch::default(), true);
-                }
-                continue;
-            };
-            if fault::armed("spool.writer_panic").is_some() {
+            if first.is_some() && fault::armed("spool.writer_panic").is_some() {
                 panic!("fault injected: spool.writer_panic");
             }
-            if let Some(stall) = fault::armed("spool.commit_stall") {
+            if let (Some(_), Some(stall)) = (&first, fault::armed("spool.commit_stall")) {
                 // A slow disk: what arrives meanwhile joins this batch, as it would.
                 std::thread::sleep(stall);
             }
             // Group commit: everything queued right now goes into one transaction.
             let mut batch = Batch::default();
-            let mut next = Some(first);
+            let mut next = first;
             while let Some(op) = next {
                 match op {
                     Op::Append { data, ts_ms, reply } => batch.appends.push((data, ts_ms, reply)),
                     Op::Remove { seqs, reply } => batch.removes.push((seqs, reply)),
+                    Op::RemoveSoon => {
+                        let at = Instant::now() + self.shared.opts.removal_delay;
+                        self.removals_at.get_or_insert(at);
+                    }
                     Op::Shutdown { reply } => shutdown = Some(reply),
                 }
                 next = self.rx.try_recv().ok();
             }
-            let force = shutdown.is_some();
-            self.execute(batch, force);
+            let (removals_due, flush_due) = self.timers_due();
+            if removals_due {
+                // Cleared before the list is taken: a removal added after this tells the
+                // writer again, one added before is taken now.
+                self.shared.removals_told.store(false, Ordering::Release);
+                self.removals_at = None;
+            }
+            if removals_due || !batch.is_empty() || shutdown.is_some() {
+                batch.riding = self.shared.take_removals();
+            }
+            // After a failed write, nothing but work reopens the file (or the probe).
+            if !batch.is_empty() || (flush_due && !self.needs_reopen) || shutdown.is_some() {
+                self.execute(batch, flush_due || shutdown.is_some());
+            }
             if shutdown.is_some() {
                 break;
             }
@@ -235,17 +262,24 @@ impl Writer {
         // Ops queued after a shutdown are dropped with `rx`; their callers see Closed.
     }
 
-    /// How long the writer may wait for work: until the idle flush or the next recovery
-    /// probe is due; `None` (for ever) when neither is pending.
+    /// How long the writer may wait for work: until the idle flush, the waiting removals'
+    /// commit or the next recovery probe is due; `None` (for ever) when none is pending.
     fn wake_in(&self) -> Option<Duration> {
-        let flush = (self.nondurable_streak > 0).then_some(IDLE_FLUSH);
-        let probe = self
-            .next_probe
-            .map(|at| at.saturating_duration_since(Instant::now()));
-        match (flush, probe) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let at = [self.flush_at, self.removals_at, self.next_probe]
+            .into_iter()
+            .flatten()
+            .min()?;
+        Some(at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether the waiting removals' own commit, and the idle flush, are due.
+    fn timers_due(&self) -> (bool, bool) {
+        if self.removals_at.is_none() && self.flush_at.is_none() {
+            return (false, false);
         }
+        let now = Instant::now();
+        let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
+        (due(self.removals_at), due(self.flush_at))
     }
 
     /// Marks the spool degraded (readiness fails) and schedules the writer's own probe.
@@ -291,14 +325,17 @@ impl Writer {
         }
     }
 
-    /// Makes pending removals durable and closes the file, at the end of [`Writer::run`].
+    /// Commits the removals still waiting, makes earlier ones durable and closes the file, at
+    /// the end of [`Writer::run`].
     fn close(&mut self) -> Result<(), SpoolError> {
         let mut result = Ok(());
-        if self.nondurable_streak > 0 && !self.needs_reopen {
+        let riding = self.shared.take_removals();
+        if (self.nondurable_streak > 0 || !riding.is_empty()) && !self.needs_reopen {
             // redb would promote them on close too, but this reports a failure.
             let (reply, mut rx) = oneshot::channel();
             let batch = Batch {
                 flushes: vec![reply],
+                riding,
                 ..Batch::default()
             };
             self.execute(batch, true);
@@ -356,8 +393,12 @@ impl Writer {
                 if durable {
                     shared.durable_commits.fetch_add(1, Ordering::AcqRel);
                     self.nondurable_streak = 0;
+                    self.flush_at = None;
                 } else {
                     self.nondurable_streak += 1;
+                    // Counted from the first: a crash loses at most this long of removals.
+                    self.flush_at
+                        .get_or_insert_with(|| Instant::now() + IDLE_FLUSH);
                 }
                 if n > 0 {
                     // Only stored events prove there is room; a removal frees space instead.
@@ -384,6 +425,7 @@ impl Writer {
                 self.needs_reopen = true;
                 // Unflushed None commits die with the failed handle; no idle flush to retry.
                 self.nondurable_streak = 0;
+                self.flush_at = None;
                 self.degrade();
                 if n > 0 {
                     // Never reuse these numbers, and delete them if the commit landed after all.
@@ -458,6 +500,9 @@ impl Writer {
                 counts.push(store::remove_seqs(&mut table, seqs, &mut out.removed)?);
             }
             out.remove_counts = counts;
+            if !batch.riding.is_empty() {
+                store::remove_seqs(&mut table, &batch.riding, &mut out.removed)?;
+            }
             for (i, (data, ts_ms, _)) in batch.appends.iter().enumerate() {
                 store::insert(&mut table, first_seq + i as u64, *ts_ms, data)?;
             }
@@ -499,9 +544,12 @@ impl Writer {
         self.purge.clear();
         shared.apply_scan(&scan);
         shared.reopens.fetch_add(1, Ordering::AcqRel);
+        // Wake wait_for_new() callers: their read cursors are stale now.
+        shared.last_seq.send_modify(|_| {});
         self.next_seq = self.next_seq.max(scan.next_seq);
         self.needs_reopen = false;
         self.nondurable_streak = 0;
+        self.flush_at = None;
         info!(
             events = scan.events,
             bytes = scan.bytes,
